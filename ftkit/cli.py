@@ -1,0 +1,41 @@
+"""The ``ftkit`` command: one verb per job. Each verb lives in the package that does the work; this
+module only dispatches (no logic of its own)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, function taking argv list, one-line help)
+VERBS: dict[str, tuple[str, str, str]] = {
+    "fit": ("ftkit.train.cli", "fit_main", "train with a recipe (LightningCLI): ftkit fit --config recipes/NAME.yaml"),
+    "estimate": ("ftkit.train.cli", "estimate_main", "pre-flight memory estimate of a recipe"),
+    "data": ("ftkit.data.cli", "main", "validate, preview, generate (shapes) and list datasets"),
+    "merge": ("ftkit.adapters.cli", "merge_main", "merge adapters into a release checkpoint"),
+    "generate": ("ftkit.infer.cli", "generate_main", "plan -> draft -> reflect -> refine generation"),
+    "eval": ("ftkit.infer.cli", "eval_main", "shapes-world evaluation of a model (+ adapter)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ftkit VERB [options]   (ftkit VERB --help for details)", "", "verbs:"]
+    lines += [f"  {v:<9} {h}" for v, (_, _, h) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"ftkit: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = VERBS[verb]
+    rc = getattr(importlib.import_module(module), func)(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
