@@ -1,0 +1,225 @@
+"""BAGEL-architecture unified model: Qwen2 MoT decoder + SigLIP-NaViT + FLUX VAE bridge.
+
+Read top to bottom: :class:`BagelModel` holds the modules under upstream's names (so the release's
+``ema.safetensors`` loads without conversion), :meth:`BagelModel.embed` turns a
+:class:`~ftkit.segments.PackedBatch` into the LLM input sequence, :meth:`BagelModel.forward` runs the
+decoder with functionality-expert routing and returns what the losses need.
+
+Rectified flow (BAGEL's convention): t = sigmoid(logit), t' = s t / (1 + (s - 1) t),
+x_t = (1 - t') x0 + t' eps, target velocity v = eps - x0, prediction v_hat = llm2vae(h); the predicted
+clean latent is x0_hat = x_t - t' v_hat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ftkit.models.attention import AttentionSpec
+from ftkit.models.config import BagelConfig
+from ftkit.models.qwen2_mot import Qwen2MoTForCausalLM
+from ftkit.models.siglip import Connector, PositionTable, SiglipWrapper, TimestepEmbedder
+from ftkit.segments import TOKEN_VAE, Functionality, PackedBatch
+
+
+def shift_timestep(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = s t / (1 + (s - 1) t) (identity for s = 1)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass
+class BagelOutput:
+    hidden: torch.Tensor  # [L, D] final-normed hidden states
+    llm_input: torch.Tensor  # [L, D]
+    ce_hidden: torch.Tensor  # [Nce, D] hidden states at CE positions
+    ce_logits: torch.Tensor | None  # [Nce, V] only with return_logits
+    velocity_pred: torch.Tensor  # [Nm, C] at mse positions
+    velocity_target: torch.Tensor  # [Nm, C]
+    extras: dict = field(default_factory=dict)
+
+
+class BagelModel(nn.Module):
+    def __init__(self, cfg: BagelConfig, vae: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.llm.hidden_size
+        self.language_model = Qwen2MoTForCausalLM(cfg.llm, cfg.experts)
+        self.vit_model = SiglipWrapper(cfg.vit, cfg.vit_max_num_patch_per_side)
+        self.connector = Connector(cfg.vit.hidden_size, d, cfg.connector_act)
+        self.vit_pos_embed = PositionTable(cfg.vit_max_num_patch_per_side, d)
+        self.time_embedder = TimestepEmbedder(d)
+        self.vae2llm = nn.Linear(cfg.patch_latent_dim, d)
+        self.llm2vae = nn.Linear(d, cfg.patch_latent_dim)
+        self.latent_pos_embed = PositionTable(cfg.max_latent_size, d)
+        self.vae = vae  # FluxAE (frozen), not part of ema.safetensors
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    def release_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters under ema.safetensors' names (the VAE is stored separately in ae.safetensors)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vae.")}
+
+    def expert_index(self, functionality: torch.Tensor, token_kind: torch.Tensor) -> torch.Tensor:
+        """Per-token expert: ``routing[functionality]``; BAGEL sends every VAE token to the generative one."""
+        table = torch.tensor(self.cfg.routing, dtype=torch.long, device=functionality.device)
+        e = table[functionality]
+        if self.cfg.vae_tokens_generative:
+            e = torch.where(token_kind == TOKEN_VAE, table[int(Functionality.GENERATIVE)], e)
+        return e
+
+    def text_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain causal LM over text: [B, T] ids -> [B, T, V] logits (linguistic expert, positions 0..T-1)."""
+        lm = self.language_model
+        out = []
+        for row in input_ids:
+            T = row.shape[0]
+            h = lm.model.embed_tokens(row)
+            spec = AttentionSpec.from_splits([(0, T, "causal", 0)], T, device=row.device)
+            pos = torch.arange(T, device=row.device)
+            e = torch.full((T,), self.cfg.routing[int(Functionality.LINGUISTIC)], dtype=torch.long, device=row.device)
+            hidden, _ = lm.model(h, pos, e, spec)
+            out.append(lm.lm_head(hidden))
+        return torch.stack(out)
+
+    # ------------------------------------------------------------------ embedding of a packed batch
+    def encode_vit(self, batch: PackedBatch) -> torch.Tensor:
+        feats = self.vit_model(batch.vit_tokens.to(self.dtype), batch.vit_position_ids, batch.vit_seqlens)
+        return feats
+
+    @torch.no_grad()
+    def encode_vae_latents(self, images: list[torch.Tensor], posterior_eps: list[torch.Tensor] | None = None,
+                           generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Each [3, H, W] in [-1, 1] -> sampled, scaled latent [C, H/8, W/8] (upstream samples the posterior)."""
+        if self.vae is None:
+            raise RuntimeError("this BagelModel has no autoencoder attached (load_bagel(..., load_vae=True))")
+        out = []
+        for i, img in enumerate(images):
+            eps = None if posterior_eps is None else posterior_eps[i][None]
+            z = self.vae.sample_latent(img[None].to(self.vae.dtype), eps=eps, generator=generator)
+            out.append(z[0].float())
+        return out
+
+    def patchify(self, latent: torch.Tensor) -> torch.Tensor:
+        """[C, h, w] -> [(h/p)(w/p), p*p*C], feature index (dy*p + dx)*C + c, raster token order."""
+        p = self.cfg.latent_patch_size
+        c, h, w = latent.shape
+        x = latent.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0)
+        return x.reshape((h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Inverse of :meth:`patchify`: [h*w, p*p*C] with a token grid (h, w) -> [C, h*p, w*p]."""
+        p, c = self.cfg.latent_patch_size, self.cfg.latent_channels
+        x = tokens.reshape(h, w, p, p, c).permute(4, 0, 2, 1, 3)
+        return x.reshape(c, h * p, w * p)
+
+    def sample_timesteps(self, batch: PackedBatch, timestep_shift: float, generator=None) -> torch.Tensor:
+        """Per VAE image: clean -> 0; noisy -> shift(sigmoid(logit)), logit drawn from N(0,1) when nan."""
+        logits = batch.vae_timestep_logits.clone().float()
+        draw = torch.isnan(logits)
+        if draw.any():
+            logits[draw] = torch.randn(int(draw.sum()), generator=generator).to(logits.device)
+        t = torch.sigmoid(logits)  # sigmoid(-inf) = 0 for clean images
+        return shift_timestep(t, timestep_shift)
+
+    def embed(self, batch: PackedBatch, *, timestep_shift: float | None = None, flow_noise: torch.Tensor | None = None,
+              vae_posterior_eps: list[torch.Tensor] | None = None, clean_latent_tokens: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """PackedBatch -> LLM input sequence [L, D] and the flow quantities of the VAE tokens."""
+        D, dev, dt = self.cfg.llm.hidden_size, self.device, self.dtype
+        L = batch.sequence_length
+        seq = torch.zeros(L, D, dtype=dt, device=dev)
+        ex: dict = {}
+        text = self.language_model.model.embed_tokens(batch.text_ids.to(dev))
+        seq = seq.index_put((batch.text_indexes.to(dev),), text)
+        if batch.vit_tokens.shape[0]:
+            feats = self.encode_vit(batch)
+            ex["vit_last_hidden"] = feats
+            conn = self.connector(feats)
+            ex["vit_features_after_connector"] = conn
+            vit_in = conn + self.vit_pos_embed(batch.vit_position_ids.to(dev))
+            ex["vit_tokens_into_llm"] = vit_in
+            seq = seq.index_put((batch.vit_token_indexes.to(dev),), vit_in)
+        if batch.vae_images:
+            shift = self.cfg.timestep_shift if timestep_shift is None else timestep_shift
+            if clean_latent_tokens is None:
+                lat = self.encode_vae_latents(batch.vae_images, vae_posterior_eps, generator)
+                ex["vae_latent"] = lat
+                clean_latent_tokens = torch.cat([self.patchify(z) for z in lat])
+            clean = clean_latent_tokens.to(dev, torch.float32)
+            t_img = self.sample_timesteps(batch, shift, generator).to(dev)
+            tok_img = batch.vae_token_image().to(dev)
+            t_tok = t_img[tok_img]
+            if flow_noise is None:
+                flow_noise = torch.randn(clean.shape, generator=generator).to(dev)
+            noise = flow_noise.to(dev, torch.float32)
+            x_t = (1 - t_tok[:, None]) * clean + t_tok[:, None] * noise
+            temb = self.time_embedder(t_tok)
+            vae_in = self.vae2llm(x_t.to(dt)) + temb + self.latent_pos_embed(batch.vae_position_ids.to(dev))
+            seq = seq.index_put((batch.vae_token_indexes.to(dev),), vae_in)
+            ex.update(packed_latent_clean=clean, packed_noisy_latent=x_t, packed_timesteps=t_tok, flow_noise=noise,
+                      timestep_embeds=temb, vae_tokens_into_llm=vae_in, vae_timesteps_per_image=t_img)
+        return seq, ex
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: PackedBatch, *, return_logits: bool = False, timestep_shift: float | None = None,
+                flow_noise: torch.Tensor | None = None, vae_posterior_eps: list[torch.Tensor] | None = None,
+                clean_latent_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                attn_impl: str = "auto") -> BagelOutput:
+        dev = self.device
+        seq, ex = self.embed(batch, timestep_shift=timestep_shift, flow_noise=flow_noise,
+                             vae_posterior_eps=vae_posterior_eps, clean_latent_tokens=clean_latent_tokens,
+                             generator=generator)
+        spec = AttentionSpec.from_splits(batch.attention, batch.sequence_length, device=dev, impl=attn_impl)
+        experts = self.expert_index(batch.functionality.to(dev), batch.token_kind.to(dev))
+        hidden, _ = self.language_model.model(seq, batch.position_ids.to(dev), experts, spec)
+        ce_hidden = hidden[batch.ce_indexes.to(dev)]
+        logits = self.language_model.lm_head(ce_hidden) if return_logits else None
+        C = self.cfg.patch_latent_dim
+        if batch.mse_indexes.numel():
+            row_of = torch.full((batch.sequence_length,), -1, dtype=torch.long, device=dev)
+            row_of[batch.vae_token_indexes.to(dev)] = torch.arange(batch.vae_token_indexes.numel(), device=dev)
+            rows = row_of[batch.mse_indexes.to(dev)]
+            v_pred = self.llm2vae(hidden[batch.mse_indexes.to(dev)])
+            v_tgt = ex["flow_noise"][rows] - ex["packed_latent_clean"][rows]
+            ex["mse_rows"] = rows
+        else:
+            v_pred = hidden.new_zeros(0, C)
+            v_tgt = hidden.new_zeros(0, C)
+        ex["expert_index"] = experts
+        return BagelOutput(hidden=hidden, llm_input=seq, ce_hidden=ce_hidden, ce_logits=logits,
+                           velocity_pred=v_pred, velocity_target=v_tgt, extras=ex)
+
+    # ------------------------------------------------------------------ inference primitives
+    def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, expert_index: torch.Tensor,
+                mask: torch.Tensor, past: list | None = None) -> tuple[torch.Tensor, list]:
+        """Run new tokens over an optional KV cache. ``mask`` [Lq, Lpast + Lq] bool. Returns (hidden, cache)."""
+        return self.language_model.model(embeds, position_ids, expert_index, mask, past, use_cache=True)
+
+
+def cfg_renorm(v_cond: torch.Tensor, v_guided: torch.Tensor, renorm_min: float = 0.0, kind: str = "global") -> torch.Tensor:
+    """Scale the guided velocity back to at most the conditional norm (upstream's renorm)."""
+    if kind == "global":
+        scale = (v_cond.norm() / (v_guided.norm() + 1e-8)).clamp(min=renorm_min, max=1.0)
+    elif kind == "channel":
+        scale = (v_cond.norm(dim=-1, keepdim=True) / (v_guided.norm(dim=-1, keepdim=True) + 1e-8)).clamp(min=renorm_min, max=1.0)
+    else:
+        raise ValueError(f"unknown cfg renorm {kind!r} (global | channel)")
+    return v_guided * scale
+
+
+def timestep_schedule(num_timesteps: int, shift: float, device=None) -> torch.Tensor:
+    """Upstream's inference schedule: linspace(1, 0, n) then the timestep shift."""
+    ts = torch.linspace(1, 0, num_timesteps, device=device)
+    return shift_timestep(ts, shift)
+
+
+__all__ = ["BagelModel", "BagelOutput", "shift_timestep", "cfg_renorm", "timestep_schedule"]

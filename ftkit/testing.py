@@ -1,0 +1,35 @@
+"""Helpers shared by tests, benchmarks and recipes: the bagel-tiny fixture's example as segments,
+and tiny BAGEL-architecture checkpoints written in the release format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ftkit.data.packer import PackConfig
+from ftkit.segments import Kind, Segment
+
+
+def pack_config_for(cfg) -> PackConfig:
+    """The packer geometry of a :class:`~ftkit.models.config.BagelConfig`."""
+    return PackConfig(cfg.bos_id, cfg.eos_id, cfg.start_of_image, cfg.end_of_image, cfg.vit.patch_size,
+                      cfg.vit_max_num_patch_per_side, cfg.vae_downsample, cfg.latent_patch_size, cfg.max_latent_size)
+
+
+def fixture_segments(fixture_dir: Path, inputs: dict[str, torch.Tensor]) -> list[Segment]:
+    """The fixture's training example (inputs.json ``sequence_plan``) as ftkit segments."""
+    te = json.loads((Path(fixture_dir) / "inputs.json").read_text())["training_example"]
+    segs = []
+    for it in te["sequence_plan"]:
+        if it["item"] == "text":
+            end = it.get("special_token_label") if it.get("special_token_loss") else None
+            segs.append(Segment(Kind.TEXT, text_ids=te["text_ids"][it["text"]], loss=bool(it["loss"]), end_label=end))
+        elif it["item"] == "vit_image":
+            segs.append(Segment(Kind.VIT_IMAGE, image=inputs[it["image"]]))
+        else:
+            noisy = bool(it["loss"])
+            segs.append(Segment(Kind.VAE_NOISY if noisy else Kind.VAE_CLEAN, image=inputs[it["image"]], loss=noisy,
+                                timestep_logit=te["timestep_logit"] if noisy else None))
+    return segs
