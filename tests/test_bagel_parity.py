@@ -96,4 +96,4 @@ def test_text_logits_matches_packed_path(fx):
     logits = model.text_logits(ids)
     assert logits.shape == (2, 5, model.cfg.llm.vocab_size)
     # a prefix's logits do not depend on what follows (causal)
-    close(model.text_logits(ids[:, :3]), logits[:, :3], 1e-6)
+    close(model.text_logits(ids[:, :3]), logits[:, :3], 1e-5)

@@ -21,6 +21,7 @@ from ftkit.models.attention import AttentionSpec
 from ftkit.models.config import BagelConfig
 from ftkit.models.qwen2_mot import Qwen2MoTForCausalLM
 from ftkit.models.siglip import Connector, PositionTable, SiglipWrapper, TimestepEmbedder
+from ftkit.models.vae import patchify_latent, unpatchify_latent
 from ftkit.segments import TOKEN_VAE, Functionality, PackedBatch
 
 
@@ -110,16 +111,12 @@ class BagelModel(nn.Module):
 
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:
         """[C, h, w] -> [(h/p)(w/p), p*p*C], feature index (dy*p + dx)*C + c, raster token order."""
-        p = self.cfg.latent_patch_size
-        c, h, w = latent.shape
-        x = latent.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0)
-        return x.reshape((h // p) * (w // p), p * p * c)
+        return patchify_latent(latent, self.cfg.latent_patch_size)
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Inverse of :meth:`patchify`: [h*w, p*p*C] with a token grid (h, w) -> [C, h*p, w*p]."""
-        p, c = self.cfg.latent_patch_size, self.cfg.latent_channels
-        x = tokens.reshape(h, w, p, p, c).permute(4, 0, 2, 1, 3)
-        return x.reshape(c, h * p, w * p)
+        """Inverse of :meth:`patchify` for a token grid (h, w) -> [C, h*p, w*p]."""
+        p = self.cfg.latent_patch_size
+        return unpatchify_latent(tokens, h * p, w * p, p, self.cfg.latent_channels)
 
     def sample_timesteps(self, batch: PackedBatch, timestep_shift: float, generator=None) -> torch.Tensor:
         """Per VAE image: clean -> 0; noisy -> shift(sigmoid(logit)), logit drawn from N(0,1) when nan."""

@@ -192,6 +192,8 @@ def infer_bagel_config(folder: Path, llm: LLMConfig, vit: ViTConfig, ema: Path) 
         if side * side != rows:
             raise CheckpointError(f"{ema}: {key} has {rows} rows, not a square grid")
         out[field_] = side
+    if any("_moe_sem" in k for k in keys):  # a checkpoint saved with three experts
+        out.update(experts=("", "_moe_sem", "_moe_gen"), routing=(0, 1, 2))
     if "vae2llm.weight" in keys:
         pdim = f.get_slice("vae2llm.weight").get_shape()[1]
         out["latent_channels"] = pdim // 4  # 2x2 latent patches
@@ -255,7 +257,7 @@ def load_bagel(
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         specials = special_token_ids(load_tokenizer(folder))
     cfg = BagelConfig(llm=llm, vit=vit, timestep_shift=timestep_shift, **extra, **specials)
-    if three_experts:
+    if three_experts and len(cfg.experts) == 2:
         cfg = BagelConfig.three_experts(cfg)
     with torch.device("meta"):
         model = BagelModel(cfg)
