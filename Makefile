@@ -35,8 +35,8 @@ lint: setup
 	$(PY) -m ruff check ftkit tests bench
 
 data: setup
-	$(FTKIT) data shapes --out data/shapes/train --n 2000 --seed 0
-	$(FTKIT) data shapes --out data/shapes/eval --n 200 --seed 1
+	$(FTKIT) data shapes --out data/shapes/train --n 2000 --seed 0 --overwrite
+	$(FTKIT) data shapes --out data/shapes/eval --n 200 --seed 1 --overwrite
 
 bench: setup
 	$(PY) bench/run_all.py

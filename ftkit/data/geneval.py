@@ -1,0 +1,474 @@
+"""GenEval's rules, with a pluggable detector (colour segmentation for the shapes world by default).
+
+GenEval (Ghosh et al. 2023) scores a text-to-image model on prompts in six categories. Each prompt
+carries metadata ``{"tag", "include": [{"class", "count", "color"?, "position": [relation, index]?}],
+"exclude": [{"class", "count"}]?}``. :func:`evaluate_image` applies GenEval's decision rule to the
+detections of one image:
+
+* detections are grouped by class and sorted by score (highest first);
+* for each ``include`` entry, the ``count`` best detections of its class must exist; when a
+  ``color`` is given all of them must have that colour; when a ``position`` ``[relation, j]`` is
+  given, each of them must stand in ``relation`` to every object matched by include entry ``j``;
+* for each ``exclude`` entry, fewer than ``count`` detections of its class may exist (counting
+  prompts ask for N and exclude N + 1, so the count must be exact).
+
+Relative position (:func:`relative_position`, GenEval's ``POSITION_THRESHOLD = 0.1``): with box centres
+``c_a, c_b`` and sizes ``(w, h)``, ``o = c_a - c_b``; ``r = sign(o) * max(|o| - 0.1 (dim_a + dim_b), 0)``
+per axis; if ``r = 0`` no relation holds, else ``(dx, dy) = r / ||o||`` and the relations are
+``left of`` (dx < -0.5), ``right of`` (dx > 0.5), ``above`` (dy < -0.5), ``below`` (dy > 0.5),
+image y pointing down.
+
+A tag's score is the mean pass rate over its images; ``overall`` is the mean of the tag scores
+(GenEval's six tags when all are present).
+
+Detector interface
+------------------
+Anything with ``detect(image: np.ndarray[H, W, 3] uint8) -> list[Detection]`` is a
+:class:`Detector`. ``Detection(cls, color, box, score)``: ``cls`` is the class name used in the
+metadata, ``box`` is ``(x0, y0, x1, y1)`` in pixels (any consistent unit works: only ratios
+matter), ``score`` ranks detections of a class, ``color`` is a colour name or ``None``. When a
+detector returns ``color=None`` and a prompt names a colour, :func:`evaluate_image` calls
+``color_fn(image, detection) -> str``.
+
+The default, :class:`ColorShapeDetector`, segments the shapes world: every pixel is unmixed into
+background + coverage x palette colour (:meth:`ColorShapeDetector.segment`) and takes the best-fitting
+colour where its coverage is at least one half, else counts as background;
+8-connected components of one colour with at least ``min_area`` pixels are objects; each is
+classified by matching its mask against every shape class inscribed in the component's bounding box
+(intersection over union; fill ratio and aspect ratio are thereby compared too), the best class
+with IoU >= ``min_iou`` wins and the IoU is the score.
+
+GenEval's own detector can be plugged in on a GPU machine that has its weights (not run here):
+wrap mmdetection's Mask2Former (``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco``) in a class whose
+``detect`` calls ``inference_detector`` and keeps boxes with score >= 0.3 (0.9 for counting prompts,
+at most 16 per class, dropping a box that overlaps a better one of its class), and return
+``color=None``; pass as ``color_fn`` GenEval's CLIP ViT-L/14 zero-shot classifier of the masked crop
+over ``"a photo of a {color} {class}"``. COCO class names then appear in the metadata instead of
+shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+GENEVAL_TAGS: tuple[str, ...] = (
+    "single_object",
+    "two_object",
+    "counting",
+    "colors",
+    "position",
+    "color_attr",
+)
+POSITION_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: class name, colour name (or None), pixel box ``(x0, y0, x1, y1)``, score."""
+
+    cls: str
+    color: str | None
+    box: tuple[float, float, float, float]
+    score: float = 1.0
+
+
+@runtime_checkable
+class Detector(Protocol):
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Objects in an ``[H, W, 3]`` uint8 RGB image."""
+        ...
+
+
+def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of box A to box B by GenEval's rule (see the module docstring).
+
+    Args:
+        box_a, box_b: ``(x0, y0, x1, y1)``, same units.
+        threshold: margin as a fraction of the two boxes' combined size (GenEval: 0.1).
+
+    Returns:
+        A subset of ``{"left of", "right of", "above", "below"}`` (empty when the centres are
+        within the margin on both axes).
+    """
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
+    ca, cb = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
+    dim_a, dim_b = a[2:] - a[:2], b[2:] - b[:2]
+    offset = ca - cb
+    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rels = set()
+    if dx < -0.5:
+        rels.add("left of")
+    if dx > 0.5:
+        rels.add("right of")
+    if dy < -0.5:
+        rels.add("above")
+    if dy > 0.5:
+        rels.add("below")
+    return rels
+
+
+# ------------------------------------------------------------------------------ default detector
+def _components(labels: np.ndarray, min_area: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """8-connected components of equal non-negative label: ``(label, ys, xs)`` per component."""
+    H, W = labels.shape
+    seen = labels < 0
+    out = []
+    lab = labels.tolist()
+    seen_l = seen.tolist()
+    for y0, x0 in zip(*np.nonzero(~seen)):
+        y0, x0 = int(y0), int(x0)
+        if seen_l[y0][x0]:
+            continue
+        c = lab[y0][x0]
+        seen_l[y0][x0] = True
+        q, ys, xs = deque([(y0, x0)]), [], []
+        while q:
+            y, x = q.popleft()
+            ys.append(y)
+            xs.append(x)
+            for ny in (y - 1, y, y + 1):
+                if 0 <= ny < H:
+                    row, srow = lab[ny], seen_l[ny]
+                    for nx in (x - 1, x, x + 1):
+                        if 0 <= nx < W and not srow[nx] and row[nx] == c:
+                            srow[nx] = True
+                            q.append((ny, nx))
+        if len(ys) >= min_area:
+            out.append((c, np.asarray(ys), np.asarray(xs)))
+    return out
+
+
+class ColorShapeDetector:
+    """Shapes-world detector: nearest-palette-colour segmentation + shape matching (module docstring).
+
+    Args:
+        palette: ``{colour name: (r, g, b)}`` (default: the shapes world's :data:`~ftkit.data.shapes.COLORS`).
+        classes: shape classes to match (default: the shapes world's).
+        tolerance: largest RGB distance of a pixel from its background-colour blend for it to count
+            as that colour.
+        min_area: smallest component in pixels, as a fraction of the image area (0.003: 12 px at 64x64).
+        min_iou: smallest IoU with the best shape template for a component to be an object.
+    """
+
+    def __init__(
+        self,
+        palette: Mapping[str, tuple[int, int, int]] | None = None,
+        classes: Iterable[str] | None = None,
+        tolerance: float = 60.0,
+        min_area: float = 0.003,
+        min_iou: float = 0.6,
+    ):
+        from ftkit.data import shapes
+
+        palette = shapes.COLORS if palette is None else palette
+        self.names = list(palette)
+        self.rgb = np.asarray([palette[c] for c in self.names], dtype=np.int32)
+        self.classes = tuple(shapes.CLASSES if classes is None else classes)
+        self._mask = shapes.shape_mask
+        self.tolerance, self.min_area, self.min_iou = float(tolerance), float(min_area), float(min_iou)
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """``[H, W]`` int array: palette index of each pixel, -1 for background / unknown.
+
+        The background ``b`` is the median of the border pixels. A pixel ``p`` is read as a blend
+        ``b + a (c - b)`` of the background with each palette colour ``c``: ``a`` is the least-squares
+        coverage (clipped to [0, 1]) and ``r = |p - b - a (c - b)|`` the residual. The pixel takes the
+        colour with the smallest residual when ``a >= 0.5`` and ``r <= tolerance``: the same
+        half-coverage rule the renderer uses, so blurred or antialiased edges keep the shape's size.
+        """
+        img = np.asarray(image, dtype=np.float64)[..., :3]
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        bg = np.median(border, axis=0)
+        v = self.rgb.astype(np.float64) - bg  # [K, 3]
+        q = img - bg  # [H, W, 3]
+        vv = np.maximum((v * v).sum(-1), 1e-9)  # [K]
+        alpha = np.clip(q @ v.T / vv, 0.0, 1.0)  # [H, W, K]
+        resid = np.linalg.norm(q[:, :, None, :] - alpha[..., None] * v, axis=-1)  # [H, W, K]
+        idx = resid.argmin(-1)
+        a = np.take_along_axis(alpha, idx[..., None], -1)[..., 0]
+        r = np.take_along_axis(resid, idx[..., None], -1)[..., 0]
+        return np.where((a >= 0.5) & (r <= self.tolerance), idx, -1)
+
+    def classify(self, mask: np.ndarray) -> tuple[str | None, float]:
+        """Best shape class for a cropped component mask and its IoU (``None`` below ``min_iou``)."""
+        h, w = mask.shape
+        best, best_iou = None, 0.0
+        for cls in self.classes:
+            t = self._mask(cls, w, h)
+            iou = float((t & mask).sum() / (t | mask).sum())
+            if iou > best_iou:
+                best, best_iou = cls, iou
+        return (best, best_iou) if best_iou >= self.min_iou else (None, best_iou)
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        labels = self.segment(image)
+        H, W = labels.shape
+        min_area = max(4, round(self.min_area * H * W))
+        dets = []
+        for c, ys, xs in _components(labels, min_area):
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            crop = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+            crop[ys - y0, xs - x0] = True
+            cls, score = self.classify(crop)
+            if cls is not None:
+                dets.append(
+                    Detection(cls, self.names[c], (float(x0), float(y0), float(x1), float(y1)), score)
+                )
+        return dets
+
+
+_DEFAULT: ColorShapeDetector | None = None
+
+
+def default_detector() -> ColorShapeDetector:
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = ColorShapeDetector()
+    return _DEFAULT
+
+
+# --------------------------------------------------------------------------------------- rules
+def _to_array(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise ValueError(f"image must be [H, W, 3] RGB, got array of shape {arr.shape}")
+    return arr[..., :3]
+
+
+def _check_meta(meta: Mapping) -> None:
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+    if not isinstance(meta.get("include"), list) or not meta["include"]:
+        raise ValueError("meta.include: must be a non-empty list of {class, count, ...}")
+    for field, entries in (("include", meta["include"]), ("exclude", meta.get("exclude") or [])):
+        for i, req in enumerate(entries):
+            if not isinstance(req, Mapping) or not isinstance(req.get("class"), str):
+                raise ValueError(f"meta.{field}[{i}].class: missing or not a string")
+            if not isinstance(req.get("count"), int) or req["count"] < 1:
+                raise ValueError(f"meta.{field}[{i}].count: must be an int >= 1, got {req.get('count')!r}")
+            pos = req.get("position")
+            if field == "include" and pos is not None:
+                if not (isinstance(pos, list | tuple) and len(pos) == 2 and isinstance(pos[1], int)):
+                    raise ValueError(f"meta.include[{i}].position: must be [relation, index], got {pos!r}")
+                if not 0 <= pos[1] < i:
+                    raise ValueError(f"meta.include[{i}].position: index {pos[1]} must name an earlier entry")
+
+
+def evaluate_image(
+    image: Image.Image | np.ndarray,
+    meta: Mapping,
+    detector: Detector | None = None,
+    color_fn: Callable[[np.ndarray, Detection], str] | None = None,
+) -> tuple[bool, str]:
+    """Decide whether ``image`` satisfies the prompt metadata ``meta`` by GenEval's rules.
+
+    Args:
+        image: RGB image (PIL or ``[H, W, 3]`` array).
+        meta: GenEval metadata (``include``, optional ``exclude``).
+        detector: default :class:`ColorShapeDetector`.
+        color_fn: colour of a detection whose ``color`` is None (needed only then).
+
+    Returns:
+        ``(passed, reason)``: ``reason`` lists every violated rule, one per line ("" when passed).
+
+    Raises:
+        ValueError: malformed ``meta`` (names the field) or image; a detection without colour for a
+            prompt that names one and no ``color_fn``.
+    """
+    _check_meta(meta)
+    arr = _to_array(image)
+    dets = (default_detector() if detector is None else detector).detect(arr)
+    objects: dict[str, list[Detection]] = {}
+    for d in sorted(dets, key=lambda d: -d.score):
+        objects.setdefault(d.cls, []).append(d)
+
+    def color_of(d: Detection) -> str:
+        if d.color is not None:
+            return d.color
+        if color_fn is None:
+            raise ValueError(f"detection {d} has no colour and no color_fn was given")
+        return color_fn(arr, d)
+
+    correct, reasons, groups = True, [], []
+    for req in meta["include"]:
+        cls, n = req["class"], req["count"]
+        found = objects.get(cls, [])[:n]
+        matched = True
+        if len(found) < n:
+            matched = False
+            reasons.append(f"expected {cls}>={n}, found {len(found)}")
+        else:
+            if req.get("color") is not None:
+                colors = [color_of(d) for d in found]
+                k = colors.count(req["color"])
+                if k < n:
+                    matched = False
+                    others = ", ".join(f"{colors.count(c)} {c}" for c in sorted(set(colors)))
+                    reasons.append(
+                        f"expected {req['color']} {cls}>={n}, found {k} {req['color']}; and {others}"
+                    )
+            if req.get("position") is not None and matched:
+                rel, j = req["position"]
+                if groups[j] is None:
+                    matched = False
+                    reasons.append(f"no target for {cls} to be {rel}")
+                else:
+                    for d in found:
+                        for t in groups[j]:
+                            true_rels = relative_position(d.box, t.box)
+                            if rel not in true_rels:
+                                matched = False
+                                reasons.append(
+                                    f"expected {cls} {rel} target, found {' and '.join(sorted(true_rels)) or 'no relation to'} target"
+                                )
+                                break
+                        if not matched:
+                            break
+        correct &= matched
+        groups.append(found if matched else None)
+    for req in meta.get("exclude") or []:
+        cls, n = req["class"], req["count"]
+        if len(objects.get(cls, [])) >= n:
+            correct = False
+            reasons.append(f"expected {cls}<{n}, found {len(objects[cls])}")
+    return correct, "\n".join(reasons)
+
+
+def _record_image(rec: Mapping, which: str, root: Path, where: str) -> Path:
+    steps = rec.get("steps")
+    if not isinstance(steps, list):
+        raise ValueError(f"{where}: steps: missing or not a list")
+    images = [(s.get("type"), s.get("image")) for s in steps if isinstance(s, Mapping) and s.get("image")]
+    if which == "draft":
+        images = [im for im in images if im[0] == "draft"]
+    elif which != "final":
+        raise ValueError(f"which must be 'final' or 'draft', got {which!r}")
+    if not images:
+        raise ValueError(f"{where}: steps: no {'draft ' if which == 'draft' else ''}image step")
+    path = Path(images[0 if which == "draft" else -1][1])
+    return path if path.is_absolute() else root / path
+
+
+def evaluate(
+    items: Iterable,
+    detector: Detector | None = None,
+    *,
+    root: str | Path | None = None,
+    which: str = "final",
+    color_fn: Callable[[np.ndarray, Detection], str] | None = None,
+) -> dict[str, float]:
+    """Per-tag GenEval scores over ``items``.
+
+    Args:
+        items: ``(image, meta)`` pairs, or ftkit records (dicts with ``meta`` and ``steps``) whose
+            image is read from ``root`` (the folder of ``records.jsonl``).
+        which: for records: ``"final"`` (the last image step: the refinement if any, else the
+            draft) or ``"draft"`` (the first draft).
+
+    Returns:
+        ``{tag: mean pass rate, ..., "overall": mean over tags}``, tags in GenEval's order first.
+
+    Raises:
+        ValueError: an item is neither form, or bad meta / record (message names the item index).
+    """
+    root = Path(".") if root is None else Path(root)
+    passes: dict[str, list[bool]] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            where = f"item {i} ({item.get('id', '?')})"
+            meta = item.get("meta")
+            with Image.open(_record_image(item, which, root, where)) as im:
+                image = im.convert("RGB")
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            where, (image, meta) = f"item {i}", item
+        else:
+            raise ValueError(
+                f"item {i}: expected a record dict or an (image, meta) pair, got {type(item).__name__}"
+            )
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("tag"), str):
+            raise ValueError(f"{where}: meta.tag: missing or not a string")
+        try:
+            ok, _ = evaluate_image(image, meta, detector, color_fn)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        passes.setdefault(meta["tag"], []).append(ok)
+    if not passes:
+        raise ValueError("evaluate: no items")
+    order = [t for t in GENEVAL_TAGS if t in passes] + sorted(t for t in passes if t not in GENEVAL_TAGS)
+    scores = {t: float(np.mean(passes[t])) for t in order}
+    scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a ``records.jsonl`` (or of the folder holding one).
+
+    Raises:
+        ValueError: a line that is not a JSON object (names file and line).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "records.jsonl"
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+            out.append(rec)
+    return out
+
+
+def format_table(scores: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table: one row per score dict (``{row name: scores}``, or a single ``scores``),
+    one column per tag plus ``overall``."""
+    rows = dict(scores) if all(isinstance(v, Mapping) for v in scores.values()) else {"score": scores}
+    cols = []
+    for s in rows.values():
+        cols += [c for c in s if c != "overall" and c not in cols]
+    cols.append("overall")
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, s in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{s[c]:.3f}" if c in s else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ftkit.data.geneval DIR``: score a shapes-world set's drafts and final images."""
+    p = argparse.ArgumentParser(prog="python -m ftkit.data.geneval", description=main.__doc__)
+    p.add_argument("dir", help="folder with records.jsonl (images relative to it)")
+    p.add_argument("--which", choices=["final", "draft", "both"], default="both")
+    args = p.parse_args(argv)
+    try:
+        recs = read_records(args.dir)
+        whiches = ["draft", "final"] if args.which == "both" else [args.which]
+        table = {w: evaluate(recs, root=args.dir, which=w) for w in whiches}
+    except (OSError, ValueError) as e:
+        print(f"geneval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: LightningModule, DataModule, losses (:mod:`ftkit.train.losses`) and callbacks."""
