@@ -73,7 +73,9 @@ class AttentionSpec:
             def mask_mod(b, h, q, k):
                 return self.allowed(q, k)
 
-            self._block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=self.sample.device)
+            # _compile=True builds the block mask block by block; without it torch evaluates the dense L x L mask
+            self._block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=self.sample.device,
+                                            _compile=True)
         return self._block
 
 

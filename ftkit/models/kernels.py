@@ -47,9 +47,9 @@ def backend() -> str:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32, result in x's dtype (Qwen2)."""
     if _BACKEND == "liger" and x.is_cuda:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.transformers.functional import liger_rms_norm
 
-        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+        return liger_rms_norm(x, weight, eps, 0.0, "llama", False)
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -59,9 +59,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's ``silu(gate) * up``."""
     if _BACKEND == "liger" and gate.is_cuda:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.transformers.functional import liger_swiglu
 
-        return LigerSiLUMulFunction.apply(gate, up)
+        return liger_swiglu(gate, up)
     return F.silu(gate) * up
 
 
@@ -73,9 +73,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate-half RoPE. q [Hq, L, d], k [Hk, L, d], cos/sin [L, d]."""
     if _BACKEND == "liger" and q.is_cuda:
-        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.transformers.functional import liger_rope
 
-        qo, ko = LigerRopeFunction.apply(q[None], k[None], cos[None], sin[None])
+        # liger wants [B, H, L, d] and cos/sin [1, L, d]
+        qo, ko = liger_rope(q[None], k[None], cos[None], sin[None])
         return qo[0], ko[0]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -106,10 +107,9 @@ def linear_cross_entropy(
         z = hidden.sum() * 0.0
         return z if reduction == "mean" else hidden.new_zeros(0)
     if _BACKEND == "liger" and hidden.is_cuda:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0, "none")
-        loss = out[0] if isinstance(out, tuple) else out
+        loss = liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="none").float()
         return loss.mean() if reduction == "mean" else loss
 
     def _chunk(h, w, y):

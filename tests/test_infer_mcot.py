@@ -1,0 +1,137 @@
+"""Mechanics of the plan -> draft -> reflect -> refine loop on the bagel-tiny model (random weights:
+its text never parses as a reflection, so only the loop, the trace and the files are checked)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ftkit.data.serialize import parse_plan
+from ftkit.infer.mcot import (
+    SamplerSettings,
+    TextSettings,
+    Trace,
+    contact_sheet,
+    default_vit_hw,
+    run_mcot,
+    text_to_image,
+)
+from ftkit.models.loading import load_bagel, load_tokenizer
+
+FAST = SamplerSettings(num_timesteps=3)
+SHORT = TextSettings(max_plan_tokens=8, max_reflect_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def mt(fixture_dir):
+    return load_bagel(fixture_dir, dtype=torch.float32), load_tokenizer(fixture_dir)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class ScriptedTokenizer:
+    """The real tokenizer for encoding; ``decode`` returns scripted texts in order (what a trained
+    model would write), so the parsing / stopping logic can be exercised on a random model."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, list(texts)
+        self.all_special_ids = tok.all_special_ids
+
+    def encode(self, text, add_special_tokens=False):
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.texts.pop(0)
+
+
+def test_runs_to_the_round_limit(mt, tmp_path):
+    model, tok = mt
+    tr = run_mcot(model, tok, "a red cube left of a blue ball", rounds=2, image_hw=(32, 48), sampler=FAST,
+                  text=SHORT, generator=gen(0))
+    assert len(tr.rounds) == 2  # random weights never say "ok"
+    assert tr.plan is not None and tr.plan_text is not None
+    for r in tr.rounds:
+        assert r.image.size == (48, 32) and r.image.mode == "RGB"
+        assert r.verdict == "revise"
+        assert r.reflection is None and r.parse_error  # unparseable text is recorded, not fatal
+        assert isinstance(r.reflection_text, str)
+    assert tr.final_image is tr.rounds[-1].image
+    assert not tr.stopped_ok
+    assert tr.settings["image_hw"] == [32, 48] and tr.settings["vit_hw"] == [28, 42]
+    # the refinement is conditioned on more context, so it differs from the draft
+    a, b = (np.asarray(r.image, dtype=np.int64) for r in tr.rounds)
+    assert np.abs(a - b).max() > 0
+
+    # JSON round trip, with embedded images and with files
+    back = Trace.from_json(tr.to_json(embed_images=True))
+    assert back.to_dict() == tr.to_dict()
+    for r0, r1 in zip(tr.rounds, back.rounds):
+        assert np.array_equal(np.asarray(r0.image), np.asarray(r1.image))
+    paths = tr.save(tmp_path, "p0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p0.json", "p0.png", "p0_0.png", "p0_1.png", "p0_sheet.png"]
+    d = json.loads(paths["json"].read_text())
+    assert [r["image"] for r in d["rounds"]] == ["p0_0.png", "p0_1.png"] and d["final_round"] == 1
+    loaded = Trace.from_json(paths["json"].read_text(), base_dir=tmp_path)
+    assert np.array_equal(np.asarray(loaded.final_image), np.asarray(tr.final_image))
+    sheet = contact_sheet(tr, cell=96)
+    assert sheet.size == (96 * 5, 96 + 16)  # prompt/plan + 2 x (image, reflection)
+
+
+def test_same_seed_same_trace_and_one_round(mt):
+    model, tok = mt
+    kw = dict(rounds=1, image_hw=(32, 32), sampler=FAST, text=SHORT, plan=False)
+    a = run_mcot(model, tok, "a cube", generator=gen(1), **kw)
+    b = run_mcot(model, tok, "a cube", generator=gen(1), **kw)
+    c = run_mcot(model, tok, "a cube", generator=gen(2), **kw)
+    assert len(a.rounds) == 1 and a.plan is None and a.plan_text is None
+    assert np.array_equal(np.asarray(a.final_image), np.asarray(b.final_image))
+    assert a.rounds[0].reflection_text == b.rounds[0].reflection_text
+    assert not np.array_equal(np.asarray(a.final_image), np.asarray(c.final_image))
+
+
+def test_parsed_plan_and_ok_verdict_stop_the_loop(mt):
+    model, tok = mt
+    plan = "a red cube\n<box>red cube [100,200,500,600]</box>"
+    scripted = ScriptedTokenizer(tok, [plan, "<verdict>ok</verdict>\nlooks right"])
+    tr = run_mcot(model, scripted, "a red cube", rounds=3, image_hw=(32, 32), sampler=FAST, text=SHORT,
+                  generator=gen(0))
+    assert tr.plan == parse_plan(plan) and tr.plan_parse_error is None
+    assert len(tr.rounds) == 1 and tr.stopped_ok
+    assert tr.rounds[0].reflection.critique == "looks right"
+    assert Trace.from_json(tr.to_json()).plan.boxes[0].box == (100, 200, 500, 600)
+
+
+def test_revise_then_ok(mt):
+    model, tok = mt
+    texts = ["a cube", "<verdict>revise</verdict>\ntoo small\n<region>attribute cube [0,0,500,500]</region>",
+             "<verdict>ok</verdict>"]
+    tr = run_mcot(model, ScriptedTokenizer(tok, texts), "a cube", rounds=4, image_hw=(32, 32), sampler=FAST,
+                  text=SHORT, generator=gen(0))
+    assert [r.verdict for r in tr.rounds] == ["revise", "ok"]
+    assert tr.rounds[0].reflection.regions[0].kind == "attribute"
+
+
+def test_edit_input_and_text_to_image(mt):
+    model, tok = mt
+    src = text_to_image(model, tok, "a cube", image_hw=(32, 32), sampler=FAST, generator=gen(4))
+    assert src.size == (32, 32)
+    again = text_to_image(model, tok, "a cube", image_hw=(32, 32), sampler=FAST, generator=gen(4))
+    assert np.array_equal(np.asarray(src), np.asarray(again))
+    tr = run_mcot(model, tok, "make it blue", rounds=1, image_hw=(32, 32), input_image=src, sampler=FAST,
+                  text=SHORT, generator=gen(0))
+    assert tr.settings["edit"] and tr.final_image.size == (32, 32)
+
+
+def test_bad_arguments(mt):
+    model, tok = mt
+    with pytest.raises(ValueError, match="rounds"):
+        run_mcot(model, tok, "x", rounds=0)
+    with pytest.raises(ValueError, match="multiples"):
+        run_mcot(model, tok, "x", image_hw=(30, 32), sampler=FAST, text=SHORT, plan=False)
+    with pytest.raises(ValueError, match="does not parse"):
+        Trace.from_json("{")
+    assert default_vit_hw(model, (64, 64)) == (56, 56)
+    assert default_vit_hw(model, (1024, 1024)) == (112, 112)  # capped by the tiny ViT table (8 patches)
