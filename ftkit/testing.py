@@ -4,7 +4,10 @@ and tiny BAGEL-architecture checkpoints written in the release format."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import lightning as L
 
 import torch
 
@@ -33,3 +36,21 @@ def fixture_segments(fixture_dir: Path, inputs: dict[str, torch.Tensor]) -> list
             segs.append(Segment(Kind.VAE_NOISY if noisy else Kind.VAE_CLEAN, image=inputs[it["image"]], loss=noisy,
                                 timestep_logit=te["timestep_logit"] if noisy else None))
     return segs
+
+
+class KillAtStep(L.Callback):
+    """Lightning callback that hard-kills the process (``os._exit(17)``) once optimizer step ``step`` is
+    done and its checkpoint written: a crash, for resume tests. Use via
+    ``trainer.callbacks: [{class_path: ftkit.testing.KillAtStep, init_args: {step: 3}}]``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            for cb in trainer.checkpoint_callbacks:
+                cb.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            trainer._logger_connector.update_train_step_metrics()  # flush this step's row, as a clean stop would
+            for lg in trainer.loggers:
+                lg.save()
+            os._exit(17)

@@ -1,0 +1,198 @@
+"""``ftkit fit`` (LightningCLI over a composed recipe) and ``ftkit estimate``.
+
+    ftkit fit --config recipes/tiny-mcot.yaml [--trainer.max_steps 20 ...] [--ckpt_path last]
+
+Every run writes ``runs/<recipe>/<run-id>/``: ``run.json`` (recipe, resolved config, base model,
+adapter path, git commit), ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``checkpoints/``,
+``adapter/``, ``samples/``; ``runs/<recipe>/latest`` points at the newest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ftkit.train.recipe import REPO_ROOT, compose, find_recipe, split_ftkit
+
+log = logging.getLogger("ftkit")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[ftkit] %(message)s")
+    logging.getLogger("ftkit").setLevel(logging.INFO)
+
+
+def _make_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class FtkitCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.link_arguments("model.model_path", "data.model_path")
+
+    return FtkitCLI
+
+
+def check_weights(cfg: dict, recipe: str) -> None:
+    """A recipe that needs weights the user lacks fails at start, saying which folder and where to get it."""
+    model = cfg.get("model", {})
+    path = model.get("model_path")
+    if not path or model.get("tiny") is not None or Path(path).exists():
+        return
+    from ftkit.models.loading import WEIGHTS_HINT
+
+    hints = {"bagel": WEIGHTS_HINT,
+             "fox": "Build a FoX folder from Qwen/Qwen2-0.5B, google/siglip-so400m-patch14-384 and a diffusers VAE "
+                    "with ftkit.models.fox.build_fox + save_fox (all three are published on the Hugging Face Hub)."}
+    raise SystemExit(f"recipe {recipe}: model weights not found at {path!r}. Pass the folder with "
+                     f"--model.model_path PATH (or MODEL=PATH with make). {hints.get(model.get('backbone', 'bagel'), '')}")
+
+
+def fit_main(argv: list[str]) -> int:
+    _setup_logging()
+    ap = argparse.ArgumentParser(prog="ftkit fit", add_help=False)
+    ap.add_argument("--config", required=False)
+    ap.add_argument("--ckpt_path", "--ckpt-path", default=None)
+    ap.add_argument("--run_root", "--run-root", default=None)
+    ap.add_argument("--run_id", "--run-id", default=None)
+    ap.add_argument("-h", "--help", action="store_true")
+    ns, rest = ap.parse_known_args(argv)
+    if ns.help or not ns.config:
+        print(__doc__)
+        if ns.help:
+            _make_cli_class()(_model_cls(), _dm_cls(), args=["--help"], run=False)
+        return 0 if ns.help else 2
+    recipe_path = find_recipe(ns.config)
+    composed = compose(recipe_path)
+    lcfg, fcfg = split_ftkit(composed)
+    recipe = fcfg.get("recipe", recipe_path.stem)
+    check_weights(lcfg, recipe)
+    # a model_path override on the command line must be honoured by the weights check too
+    run_root = Path(ns.run_root or fcfg.get("run_root") or "runs") / recipe
+    ckpt = None
+    if ns.ckpt_path == "last":
+        latest = run_root / "latest"
+        cand = latest / "checkpoints" / "last.ckpt"
+        if not cand.is_file():
+            raise SystemExit(f"--ckpt_path last: no {cand} to resume from")
+        run_dir, ckpt = latest.resolve(), str(cand)
+    else:
+        run_id = ns.run_id or time.strftime("%Y%m%d-%H%M%S")
+        run_dir = (run_root / run_id).resolve()
+        ckpt = ns.ckpt_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump(lcfg, sort_keys=False))
+
+    import lightning as L  # noqa: F401
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from ftkit.train.callbacks import AdapterExport, MCoTSamples
+
+    every = int(fcfg.get("checkpoint_every_n_steps", 50))
+    callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=every,
+                                 save_top_k=int(fcfg.get("keep_checkpoints", 1)), monitor="step", mode="max"),
+                 AdapterExport(run_dir / "adapter", extra={"recipe": recipe, "run_dir": str(run_dir)})]
+    samples = fcfg.get("samples") or {}
+    if samples.get("every_n_steps"):
+        callbacks.append(MCoTSamples(run_dir / "samples", **samples))
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version=""),
+               TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")]
+    cli = _make_cli_class()(_model_cls(), _dm_cls(), args=["--config", str(cfg_file), *rest], run=False,
+                            save_config_kwargs={"overwrite": True},
+                            trainer_defaults={"callbacks": callbacks, "logger": loggers,
+                                              "default_root_dir": str(run_dir)},
+                            seed_everything_default=lcfg.get("seed_everything", 0))
+    model_path = cli.model.hparams.model_path
+    if cli.model.hparams.get("tiny") is None and not Path(model_path).exists():
+        check_weights({"model": {"model_path": model_path, "backbone": cli.model.hparams.backbone}}, recipe)
+    run_info = {"recipe": recipe, "recipe_file": str(recipe_path), "run_dir": str(run_dir),
+                "base_model": str(model_path), "adapter": str(run_dir / "adapter"), "git_commit": _git_commit(),
+                "command": [sys.argv[0], *sys.argv[1:]], "resumed_from": ckpt,
+                "config": yaml.safe_load(cfg_file.read_text()), "overrides": rest,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if cli.trainer.is_global_zero:
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+        latest = run_root / "latest"
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        os.symlink(run_dir.name, latest)
+    before = run_dir / ".metrics-before-resume.csv"
+    if ckpt and cli.trainer.is_global_zero and (run_dir / "metrics.csv").is_file():
+        os.replace(run_dir / "metrics.csv", before)  # Lightning's CSVLogger starts a fresh file
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    finally:
+        if before.is_file() and cli.trainer.is_global_zero:
+            merge_metrics(before, run_dir / "metrics.csv")
+    if cli.trainer.is_global_zero:
+        run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        run_info["global_step"] = cli.trainer.global_step
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+        print(f"\nrun finished: {run_dir}")
+        for what, p in (("run.json", run_dir / "run.json"), ("metrics", run_dir / "metrics.csv"),
+                        ("adapter", run_dir / "adapter"), ("samples", run_dir / "samples"),
+                        ("checkpoints", run_dir / "checkpoints"), ("tensorboard", run_dir / "tb")):
+            print(f"  {what:<12} {p}{'' if p.exists() else '  (not written)'}")
+    return 0
+
+
+def merge_metrics(before: Path, current: Path) -> None:
+    """Continue the loss curve across a resume: rows of the interrupted run logged before the first step
+    of the resumed one, then the resumed run's rows, under the union of their columns."""
+    import csv
+
+    def read(p: Path) -> list[dict]:
+        if not p.is_file():
+            return []
+        with open(p, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    old, new = read(before), read(current)
+    first_new = min((int(r["step"]) for r in new if r.get("step")), default=None)
+    rows = [r for r in old if first_new is None or (r.get("step") and int(r["step"]) < first_new)] + new
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    tmp = current.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, current)
+    before.unlink()
+
+
+def _model_cls():
+    from ftkit.train.module import MCoTModule
+
+    return MCoTModule
+
+
+def _dm_cls():
+    from ftkit.train.datamodule import MCoTDataModule
+
+    return MCoTDataModule
+
+
+def estimate_main(argv: list[str]) -> int:
+    from ftkit.train.estimate import estimate_main as run
+
+    return run(argv)

@@ -1,0 +1,289 @@
+"""LightningDataModule: records -> segments -> packed batches within a token budget.
+
+Every batch is a pure function of ``(seed, batch_index)``: the epoch's record order, the greedy
+packing into ``token_budget`` tokens, the CFG dropout draws and the flow timesteps. The module's
+state (``batches_consumed``) goes into Lightning checkpoints, so a resumed run continues with exactly
+the batches an uninterrupted run would have seen. Under DDP/FSDP, rank ``r`` of ``W`` takes batches
+``r, r + W, ...``; dataloader workers split the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ftkit.data.builder import BuilderConfig, apply_cfg_dropout, build_segments
+from ftkit.data.packer import PackConfig, pack, packed_length
+from ftkit.segments import Kind, PackedBatch, Segment
+
+log = logging.getLogger("ftkit")
+
+
+@dataclass
+class BatchItem:
+    batch: PackedBatch
+    index: int  # global batch index (seed for the model's noise draws)
+    num_samples: int
+
+    def to(self, device):
+        return BatchItem(self.batch.to(device), self.index, self.num_samples)
+
+
+def plan_epoch(lengths: list[int], budget: int, seed: int, epoch: int, max_samples: int | None = None) -> list[list[int]]:
+    """Shuffle record indexes with (seed, epoch) and pack them greedily into bins of <= budget tokens.
+
+    A record longer than the budget gets a bin of its own (never dropped silently: it is logged at setup).
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    bins, cur, used = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if cur and (used + n > budget or (max_samples and len(cur) >= max_samples)):
+            bins.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        bins.append(cur)
+    return bins
+
+
+class PackedStream(IterableDataset):
+    """Endless stream of packed batches starting at ``start`` (global batch index)."""
+
+    def __init__(self, dm: MCoTDataModule, start: int, rank: int, world: int, train: bool = True):
+        self.dm, self.start, self.rank, self.world, self.train = dm, start, rank, world, train
+
+    def _batch(self, gidx: int, record_ids: list[int]) -> BatchItem:
+        dm = self.dm
+        g = torch.Generator().manual_seed(dm.seed * 7_919 + gidx)
+        samples = []
+        for rid in record_ids:
+            segs = dm.segments(rid, train=self.train)
+            if self.train and dm.cfg_dropout:
+                segs = apply_cfg_dropout(segs, *dm.cfg_dropout, generator=g)
+            for s in segs:
+                if s.kind == Kind.VAE_NOISY and s.timestep_logit is None:
+                    s.timestep_logit = float(torch.randn((), generator=g))
+            samples.append(segs)
+        return BatchItem(pack(samples, dm.pack_cfg), gidx, len(samples))
+
+    def __iter__(self):
+        dm = self.dm
+        wi = get_worker_info()
+        wid, nw = (wi.id, wi.num_workers) if wi else (0, 1)
+        per_epoch = len(dm.epoch_plan(0))
+        gidx = self.start
+        while True:
+            # global batch index -> (epoch, bin); ranks and workers interleave
+            if (gidx % self.world) == self.rank and ((gidx // self.world) % nw) == wid:
+                epoch, b = divmod(gidx, per_epoch)
+                plan = dm.epoch_plan(epoch)
+                yield self._batch(gidx, plan[b % len(plan)])
+            gidx += 1
+            if not self.train and gidx >= self.start + per_epoch:
+                return
+
+
+class MCoTDataModule(L.LightningDataModule):
+    """Step-wise MCoT data for ftkit's trainers.
+
+    Args:
+        datasets: registry names or paths (ftkit JSONL/Parquet, GenRef, GoT, BAGEL parquet).
+        weights: sampling weight per dataset (default: the registry's, else equal).
+        registry: extra registry YAML file(s) merged over the built-in ``data/registry.yaml``.
+        model_path: the backbone folder (tokenizer and special token ids come from it); linked from
+            the model by the CLI.
+        token_budget: tokens per packed batch (per device).
+        max_samples_per_batch: cap on samples per pack (0 = no cap).
+        vae_image_size / vit_image_size: image sides fed to the VAE (multiple of 16) and ViT (of 14).
+        cfg_dropout: (text, vit, vae) context dropout, upstream's (0.1, 0.3, 0.3); ``null`` disables.
+        skip_invalid: drop invalid records (listed in a file) instead of refusing the dataset.
+        val_dataset: optional evaluation set (no dropout).
+        num_workers: dataloader worker processes.
+        seed: data seed (packing order, dropout, timesteps).
+        generate_shapes: ``{out, n, seed, size}``: generate the shapes-world set at ``out`` in
+            ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone).
+    """
+
+    def __init__(
+        self,
+        datasets: list[str],
+        weights: list[float] | None = None,
+        registry: str | None = None,
+        model_path: str | None = None,
+        token_budget: int = 2048,
+        max_samples_per_batch: int = 0,
+        vae_image_size: int = 64,
+        vit_image_size: int = 56,
+        vit_context_for_generated: bool = True,
+        cfg_dropout: tuple[float, float, float] | None = (0.1, 0.3, 0.3),
+        skip_invalid: bool = False,
+        val_dataset: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        generate_shapes: dict | None = None,
+    ):
+        super().__init__()
+        self.datasets, self.weights, self.registry = list(datasets), weights, registry
+        self.model_path = model_path
+        self.token_budget, self.max_samples = token_budget, max_samples_per_batch or None
+        self.vae_image_size, self.vit_image_size = vae_image_size, vit_image_size
+        self.vit_context_for_generated = vit_context_for_generated
+        self.cfg_dropout = tuple(cfg_dropout) if cfg_dropout else None
+        self.skip_invalid, self.val_dataset = skip_invalid, val_dataset
+        self.num_workers, self.seed = num_workers, seed
+        self.generate_shapes = generate_shapes
+        self.batches_consumed = 0
+        self._plans: dict[int, list[list[int]]] = {}
+        self._ready = False
+
+    # -------------------------------------------------------------- set-up
+    def prepare_data(self) -> None:
+        gs = self.generate_shapes
+        if gs and not (Path(gs["out"]) / "records.jsonl").is_file():
+            from ftkit.data.shapes import generate
+
+            log.info("generating shapes-world data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs.get("seed", 0))
+            generate(gs["out"], gs["n"], seed=gs.get("seed", 0), size=gs.get("size", 64), progress=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        from ftkit.data.dataset import load_mixture, load_records
+        from ftkit.models.loading import load_tokenizer, special_token_ids
+
+        if not self.model_path:
+            raise ValueError("MCoTDataModule needs model_path (the backbone folder holding the tokenizer)")
+        self.tokenizer = load_tokenizer(self.model_path)
+        sp = special_token_ids(self.tokenizer)
+        geo = _geometry(Path(self.model_path))
+        self.pack_cfg = PackConfig(sp["bos_id"], sp["eos_id"], sp["start_of_image"], sp["end_of_image"], **geo)
+        self.builder_cfg = BuilderConfig(start_of_image=sp["start_of_image"], vae_image_size=self.vae_image_size,
+                                         vit_image_size=self.vit_image_size,
+                                         vae_stride=self.pack_cfg.vae_stride, vit_patch_size=self.pack_cfg.vit_patch_size,
+                                         vit_context_for_generated=self.vit_context_for_generated)
+        if len(self.datasets) == 1:
+            self.records = load_records(self.datasets[0], registry=self.registry, skip_invalid=self.skip_invalid or None)
+        else:
+            self.records = load_mixture(self.datasets, registry=self.registry, weights=self.weights, seed=self.seed,
+                                        skip_invalid=self.skip_invalid or None)
+        # Build every sample once at set-up: bad images / records fail here, never mid-run.
+        self.lengths = [packed_length(self.segments(i, train=False), self.pack_cfg) for i in range(len(self.records))]
+        too_long = [i for i, n in enumerate(self.lengths) if n > self.token_budget]
+        if too_long:
+            log.warning("%d records exceed token_budget=%d and get a batch of their own (longest %d tokens)",
+                        len(too_long), self.token_budget, max(self.lengths[i] for i in too_long))
+        self.val_records = load_records(self.val_dataset, registry=self.registry) if self.val_dataset else None
+        self._ready = True
+        log.info("data: %d records, %d packed batches per epoch at %d tokens", len(self.records),
+                 len(self.epoch_plan(0)), self.token_budget)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def segments(self, i: int, train: bool = True, records=None) -> list[Segment]:
+        rec = (records or self.records)[i]
+        return build_segments(rec, self.tokenize, self.builder_cfg)
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.lengths, self.token_budget, self.seed, epoch, self.max_samples)}
+        return self._plans[epoch]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_plan(0))
+
+    # -------------------------------------------------------------- loaders
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        start = self.batches_consumed
+        if start:
+            log.info("data: resuming at global batch %d", start)
+        return DataLoader(PackedStream(self, start, rank, world), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False)
+
+    def val_dataloader(self):
+        if self.val_records is None:
+            return []
+        return DataLoader(_ValStream(self), batch_size=None)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device) if isinstance(batch, BatchItem) else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # -------------------------------------------------------------- resume
+    def state_dict(self):
+        t = self.trainer
+        consumed = t.global_step * t.accumulate_grad_batches * t.world_size if t is not None else self.batches_consumed
+        return {"batches_consumed": int(consumed), "seed": self.seed, "token_budget": self.token_budget}
+
+    def load_state_dict(self, state) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("token_budget", self.token_budget) != self.token_budget:
+            log.warning("resuming with a different data seed/token budget: the data order will differ")
+        self.batches_consumed = int(state["batches_consumed"])
+
+
+class _ValStream(IterableDataset):
+    def __init__(self, dm: MCoTDataModule):
+        self.dm = dm
+
+    def __iter__(self):
+        dm = self.dm
+        recs = dm.val_records
+        budget, cur, used, k = dm.token_budget, [], 0, 0
+        for i in range(len(recs)):
+            segs = build_segments(recs[i], dm.tokenize, dm.builder_cfg)
+            n = packed_length(segs, dm.pack_cfg)
+            if cur and used + n > budget:
+                yield _val_item(cur, dm, k)
+                cur, used, k = [], 0, k + 1
+            g = torch.Generator().manual_seed(k)
+            for s in segs:
+                if s.kind == Kind.VAE_NOISY and s.timestep_logit is None:
+                    s.timestep_logit = float(torch.randn((), generator=g))
+            cur.append(segs)
+            used += n
+        if cur:
+            yield _val_item(cur, dm, k)
+
+
+def _val_item(samples, dm, k) -> BatchItem:
+    return BatchItem(pack(samples, dm.pack_cfg), 10**9 + k, len(samples))
+
+
+def _geometry(folder: Path) -> dict:
+    """Packer geometry of a backbone folder (BAGEL release or ftkit FoX), read from its configs."""
+    import json
+
+    from ftkit.models.loading import infer_bagel_config, open_safetensors  # noqa: F401
+
+    vit_patch = 14
+    if (folder / "vit_config.json").is_file():
+        vit_patch = int(json.loads((folder / "vit_config.json").read_text()).get("patch_size", 14))
+    extra = {}
+    if (folder / "ema.safetensors").is_file():
+        from ftkit.models.config import LLMConfig, ViTConfig
+
+        extra = infer_bagel_config(folder, LLMConfig(), ViTConfig(), folder / "ema.safetensors")
+    elif (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+        bc = cfg.get("bagel_config", cfg)
+        extra = {k: bc[k] for k in ("max_latent_size", "vit_max_num_patch_per_side") if k in bc}
+        vit_patch = int(bc.get("vit", {}).get("patch_size", vit_patch))
+    return {"vit_patch_size": vit_patch, "vit_max_patches_per_side": extra.get("vit_max_num_patch_per_side", 70),
+            "vae_downsample": 8, "latent_patch_size": 2, "max_latent_size": extra.get("max_latent_size", 64)}
+
+
+__all__ = ["MCoTDataModule", "BatchItem", "plan_epoch"]

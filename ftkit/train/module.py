@@ -1,0 +1,289 @@
+"""LightningModule for step-wise MCoT fine-tuning of BAGEL / FoX backbones with LoRA, DoRA or QLoRA.
+
+One training step on a packed batch (see ../docs/ARCHITECTURE.md)::
+
+    out   = backbone(batch)                            # routed MoT forward, joint attention
+    CE    = sum_s w_s * sum_{i in s} ce_i / N_ce       # plan / reflect / answer text
+    MSE   = sum_s w_s * sum_{i in s} ||v_hat_i - v_i||^2 / (C N_m)   # draft / refine images
+    total = w_ce CE + w_mse MSE + w_spatial L_spatial + w_kl L_kl + w_sem L_sem
+
+All random draws of a step (VAE posterior, flow noise; timesteps and dropout come from the data
+module) derive from ``(seed, global batch index)``, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ftkit.models import kernels
+from ftkit.segments import STEP_NAMES, Step
+
+log = logging.getLogger("ftkit")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (fp32 | bf16 | fp16)")
+    return DTYPES[name]
+
+
+class MCoTModule(L.LightningModule):
+    """Args:
+        model_path: backbone folder (BAGEL release folder or an ftkit FoX folder).
+        backbone: "bagel" | "fox".
+        dtype: weights' compute dtype ("bf16" on GPU, "fp32" or "bf16" on CPU).
+        quantize: None | "nf4" (QLoRA) | "int8" for the decoder's Linear layers.
+        three_experts: upcycle BAGEL's understanding expert into linguistic + semantic.
+        adapter: AdapterConfig fields (method, preset, r, alpha, ...); ``null`` with
+            ``full_finetune: true`` trains all decoder/connector weights instead.
+        loss: LossWeights fields (ce, mse, steps: {plan: 1, ...}, spatial, kl_prior, semantic).
+        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warm-up then cosine decay.
+        timestep_shift: training timestep shift s (t' = s t / (1 + (s-1) t)); upstream trains with 1.0
+            at low resolution, 2.0+ at high.
+        gradient_checkpointing: recompute each decoder / ViT layer in backward.
+        kernels: "auto" (Liger on CUDA if installed, else torch) | "liger" | "torch".
+        attn_impl: "auto" (flex on CUDA, SDPA with a dense mask on CPU) | "sdpa" | "flex".
+        ce_chunk_size: rows per chunk of the torch path's cross-entropy (full logits never exist).
+        tiny: when ``model_path`` does not exist, build a tiny random BAGEL there with these
+            settings (the tiny-mcot recipe); real recipes leave it null and fail with a hint.
+        seed: seed for the step's random draws.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        backbone: str = "bagel",
+        dtype: str = "bf16",
+        quantize: str | None = None,
+        three_experts: bool = False,
+        adapter: dict | None = None,
+        full_finetune: bool = False,
+        loss: dict | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        timestep_shift: float = 1.0,
+        gradient_checkpointing: bool = False,
+        kernels: str = "auto",
+        attn_impl: str = "auto",
+        ce_chunk_size: int = 1024,
+        tiny: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from ftkit.adapters.config import AdapterConfig
+        from ftkit.train.losses import LossWeights
+
+        if adapter is None and not full_finetune:
+            raise ValueError("set an adapter (LoRA/DoRA/QLoRA) or full_finetune: true")
+        if quantize and full_finetune:
+            raise ValueError("quantize (QLoRA) needs an adapter: 4-bit weights cannot be trained directly")
+        self.adapter_cfg = AdapterConfig(**adapter) if adapter is not None else None
+        lw = dict(loss or {})
+        self.loss_weights = LossWeights(**lw)
+        self.model = None
+        self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self._t0 = None
+        self._tokens = 0
+
+    # ------------------------------------------------------------------ model
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        if hp.tiny is not None and not Path(hp.model_path).exists():
+            from ftkit.train.tiny import ensure_tiny_bagel
+
+            ensure_tiny_bagel(hp.model_path, **hp.tiny)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        from ftkit.adapters.attach import attach_adapters, enable_gradient_checkpointing
+
+        path = Path(hp.model_path)
+        if not path.exists() and hp.tiny is not None:
+            from ftkit.train.tiny import ensure_tiny_bagel
+
+            ensure_tiny_bagel(path, **hp.tiny)
+        dtype = parse_dtype(hp.dtype)
+        device = self.device if self.device.type != "meta" else torch.device("cpu")
+        if hp.backbone == "bagel":
+            from ftkit.models.loading import load_bagel
+
+            model = load_bagel(path, dtype=dtype, quantize=hp.quantize, device=device,
+                               three_experts=hp.three_experts, timestep_shift=hp.timestep_shift)
+        elif hp.backbone == "fox":
+            from ftkit.models.fox import load_fox
+
+            model = load_fox(path, dtype=dtype, device=device, quantize=hp.quantize)
+        else:
+            raise ValueError(f"unknown backbone {hp.backbone!r} (bagel | fox)")
+        if self.adapter_cfg is not None:
+            attach_adapters(model, self.adapter_cfg)
+        else:
+            for n, p in model.named_parameters():
+                p.requires_grad_(not (n.startswith("vae.") or n.endswith("pos_embed")))
+        if hp.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        if model.vae is not None:
+            model.vae.eval()
+        choice = kernels.set_backend(hp.kernels if (hp.kernels != "auto" or device.type == "cuda") else "torch")
+        self.attn_impl = hp.attn_impl if hp.attn_impl != "auto" else ("flex" if device.type == "cuda" else "sdpa")
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        log.info("kernels: %s | attention: %s | dtype %s | quantize %s | trainable %.2fM of %.2fM params",
+                 choice, self.attn_impl, hp.dtype, hp.quantize, n_train / 1e6, n_all / 1e6)
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is not None:
+            from ftkit.train.distributed import shard_fsdp2
+
+            shard_fsdp2(model, mesh)
+        self.model = model
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["ftkit"] = {"model_path": str(self.hparams.model_path), "trainable": sorted(keep)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = keep - set(sd)
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable tensors {sorted(missing)[:5]} ... "
+                             "(was it written by another recipe/adapter config?)")
+
+    # ------------------------------------------------------------------ step
+    def _draws(self, item):
+        """Posterior eps per VAE image and flow noise per VAE token, from (seed, batch index), on CPU."""
+        b = item.batch
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + item.index)
+        m = self.model
+        ds = m.vae.downsample if m.vae is not None else m.cfg.vae_downsample
+        zc = m.vae.z_channels if m.vae is not None else m.cfg.latent_channels
+        eps = [torch.randn(zc, img.shape[1] // ds, img.shape[2] // ds, generator=g) for img in b.vae_images]
+        nz = b.vae_token_indexes.numel()
+        noise = torch.randn(nz, m.cfg.patch_latent_dim, generator=g)
+        dev = self.device
+        return [e.to(dev) for e in eps], noise.to(dev)
+
+    def compute_losses(self, item) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from ftkit.adapters.attach import adapters_disabled
+        from ftkit.train import losses as Ls
+
+        b = item.batch
+        m, lw = self.model, self.loss_weights
+        eps, noise = self._draws(item)
+        kw = dict(flow_noise=noise, vae_posterior_eps=eps, timestep_shift=self.hparams.timestep_shift,
+                  attn_impl=self.attn_impl)
+        out = m(b, **kw)
+        step_w = lw.step_weights()
+        logs: dict[str, torch.Tensor] = {}
+        total = out.hidden.new_zeros((), dtype=torch.float32)
+        head = m.language_model.lm_head.weight
+        if b.ce_indexes.numel():
+            ce_tok = Ls.per_token_ce(out.ce_hidden, head, b.ce_labels, chunk_size=self.hparams.ce_chunk_size)
+            ce, per = Ls.step_breakdown(ce_tok, b.ce_step, step_w)
+            total = total + lw.ce * ce
+            logs["ce"] = ce.detach()
+            logs.update({f"ce/{STEP_NAMES[Step(s)]}": v.detach() for s, v in per.items()})
+        if b.mse_indexes.numel():
+            mse_tok = Ls.flow_mse_per_token(out.velocity_pred, out.velocity_target)
+            mse, per = Ls.step_breakdown(mse_tok, b.mse_step, step_w)
+            total = total + lw.mse * mse
+            logs["mse"] = mse.detach()
+            logs.update({f"mse/{STEP_NAMES[Step(s)]}": v.detach() for s, v in per.items()})
+            rows = out.extras["mse_rows"]
+            if lw.spatial:
+                sp = Ls.spatial_consistency_from_batch(b, out.extras, rows, out.velocity_pred)
+                total = total + lw.spatial * sp
+                logs["spatial"] = sp.detach()
+            if lw.semantic:
+                se = Ls.semantic_consistency_from_batch(b, out.extras, rows, out.velocity_pred)
+                total = total + lw.semantic * se
+                logs["semantic"] = se.detach()
+        if lw.kl_prior and self.adapter_cfg is not None and b.ce_indexes.numel():
+            reason = (b.ce_step == int(Step.PLAN)) | (b.ce_step == int(Step.REFLECT))
+            if reason.any():
+                with torch.no_grad(), adapters_disabled(m):
+                    base = m(b, **kw)
+                kl = Ls.kl_prior_preservation(out.ce_hidden[reason], base.ce_hidden[reason].detach(), head)
+                total = total + lw.kl_prior * kl
+                logs["kl_prior"] = kl.detach()
+        logs["total"] = total.detach()
+        return total, logs
+
+    def training_step(self, item, batch_idx):
+        loss, logs = self.compute_losses(item)
+        bs = item.num_samples
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("total", "ce", "mse"), batch_size=bs, sync_dist=False)
+        self._tokens += item.batch.sequence_length
+        self.log("train/tokens", float(item.batch.sequence_length), batch_size=bs, reduce_fx="sum")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def validation_step(self, item, batch_idx):
+        loss, logs = self.compute_losses(item)
+        for k, v in logs.items():
+            self.log(f"val/{k}", v, batch_size=item.num_samples, sync_dist=True)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._t0 is None:
+            self._t0, self._tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        dt = time.perf_counter() - self._t0
+        if dt > 0:
+            self.log("perf/tokens_per_s", self._tokens / dt, prog_bar=True, batch_size=1)
+        self.log("perf/peak_mem_gb", peak_memory_gb(self.device), prog_bar=True, batch_size=1)
+        self._t0, self._tokens = time.perf_counter(), 0
+
+    # ------------------------------------------------------------------ optim
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the adapter preset matched no module")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+        warm = min(hp.warmup_steps, max(total - 1, 0))
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            prog = min(1.0, (step - warm) / max(1, total - warm))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
