@@ -97,3 +97,17 @@ def test_text_logits_matches_packed_path(fx):
     assert logits.shape == (2, 5, model.cfg.llm.vocab_size)
     # a prefix's logits do not depend on what follows (causal)
     close(model.text_logits(ids[:, :3]), logits[:, :3], 1e-5)
+
+
+def test_vae_moment_cache_is_exact(fx):
+    model, b, inputs, exp, _ = fx
+    eps = list(inputs["vae_posterior_eps"])
+    model.enable_vae_cache(8)
+    try:
+        first = model.encode_vae_latents(b.vae_images, eps)
+        second = model.encode_vae_latents(b.vae_images, eps)  # served from the cache
+        assert len(model._vae_cache) == 1  # the two copies of the target image share one entry
+        close(torch.stack(second), exp["vae_latent"])
+        assert all(torch.equal(a, c) for a, c in zip(first, second))
+    finally:
+        model.enable_vae_cache(0)

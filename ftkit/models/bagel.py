@@ -12,6 +12,8 @@ clean latent is x0_hat = x_t - t' v_hat.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,14 @@ from ftkit.models.qwen2_mot import Qwen2MoTForCausalLM
 from ftkit.models.siglip import Connector, PositionTable, SiglipWrapper, TimestepEmbedder
 from ftkit.models.vae import patchify_latent, unpatchify_latent
 from ftkit.segments import TOKEN_VAE, Functionality, PackedBatch
+
+
+def _image_key(img: torch.Tensor) -> bytes:
+    t = img.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes(),
+                        digest_size=16)
+    h.update(str((tuple(t.shape), t.dtype)).encode())
+    return h.digest()
 
 
 def shift_timestep(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -96,17 +106,60 @@ class BagelModel(nn.Module):
         feats = self.vit_model(batch.vit_tokens.to(self.dtype), batch.vit_position_ids, batch.vit_seqlens)
         return feats
 
+    def enable_vae_cache(self, max_items: int) -> None:
+        """Cache the frozen encoder's posterior moments (mean, logvar) of up to ``max_items`` images.
+
+        Exact: the encoder is deterministic and frozen; the posterior is still *sampled* every step
+        with fresh noise. Worth it when the same images recur every epoch (small datasets, CPU runs).
+        """
+        self._vae_cache = OrderedDict() if max_items > 0 else None
+        self._vae_cache_max = max_items
+
+    @torch.no_grad()
+    def vae_moments(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder moments [2C, H/8, W/8] per image; same-size images are encoded in one batch."""
+        if self.vae is None:
+            raise RuntimeError("this BagelModel has no autoencoder attached (load_bagel(..., load_vae=True))")
+        cache = getattr(self, "_vae_cache", None)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        keys: list[bytes | None] = [None] * len(images)
+        todo: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            if cache is not None:
+                keys[i] = _image_key(img)
+                if keys[i] in cache:
+                    cache.move_to_end(keys[i])
+                    out[i] = cache[keys[i]]
+                    continue
+            todo.setdefault(tuple(img.shape), []).append(i)
+        for idx in todo.values():
+            x = torch.stack([images[i] for i in idx]).to(self.vae.device if hasattr(self.vae, "device") else self.device,
+                                                          self.vae.dtype)
+            mom = self.vae.encode_moments(x).float()
+            for j, i in enumerate(idx):
+                out[i] = mom[j]
+                if cache is not None:
+                    cache[keys[i]] = mom[j]
+                    if len(cache) > self._vae_cache_max:
+                        cache.popitem(last=False)
+        return out
+
     @torch.no_grad()
     def encode_vae_latents(self, images: list[torch.Tensor], posterior_eps: list[torch.Tensor] | None = None,
                            generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Each [3, H, W] in [-1, 1] -> sampled, scaled latent [C, H/8, W/8] (upstream samples the posterior)."""
-        if self.vae is None:
-            raise RuntimeError("this BagelModel has no autoencoder attached (load_bagel(..., load_vae=True))")
+        """Each [3, H, W] in [-1, 1] -> sampled, scaled latent [C, H/8, W/8] (upstream samples the posterior):
+        ``s * (mean + exp(logvar / 2) * eps - b)``."""
         out = []
-        for i, img in enumerate(images):
-            eps = None if posterior_eps is None else posterior_eps[i][None]
-            z = self.vae.sample_latent(img[None].to(self.vae.dtype), eps=eps, generator=generator)
-            out.append(z[0].float())
+        for i, mom in enumerate(self.vae_moments(images)):
+            mean, logvar = mom.chunk(2, dim=0)
+            if posterior_eps is None:
+                eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+            else:
+                eps = posterior_eps[i].to(mean.device, torch.float32)
+                if eps.shape != mean.shape:
+                    raise ValueError(f"posterior eps {i} has shape {list(eps.shape)}, expected {list(mean.shape)}")
+            z = mean + torch.exp(0.5 * logvar) * eps
+            out.append(self.vae.scale_factor * (z - self.vae.shift_factor))
         return out
 
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,8 @@ class MCoTModule(L.LightningModule):
         ce_chunk_size: rows per chunk of the torch path's cross-entropy (full logits never exist).
         tiny: when ``model_path`` does not exist, build a tiny random BAGEL there with these
             settings (the tiny-mcot recipe); real recipes leave it null and fail with a hint.
+        vae_cache_size: cache the frozen VAE encoder's posterior moments of this many images (exact;
+            the posterior is still sampled each step). Useful on small datasets / CPU.
         seed: seed for the step's random draws.
     """
 
@@ -80,6 +82,7 @@ class MCoTModule(L.LightningModule):
         attn_impl: str = "auto",
         ce_chunk_size: int = 1024,
         tiny: dict | None = None,
+        vae_cache_size: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -138,6 +141,8 @@ class MCoTModule(L.LightningModule):
                 p.requires_grad_(not (n.startswith("vae.") or n.endswith("pos_embed")))
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if hp.vae_cache_size and model.vae is not None:
+            model.enable_vae_cache(hp.vae_cache_size)
         model.train()
         if model.vae is not None:
             model.vae.eval()

@@ -1,0 +1,59 @@
+"""``ftkit merge``: fold a trained adapter into a BAGEL release folder (see :func:`ftkit.adapters.merge.merge`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE_EPILOG = """\
+examples:
+  ftkit merge --base models/BAGEL-7B-MoT --adapter runs/bagel-mcot/latest/adapter --out models/bagel-mcot
+  ftkit merge --base B --adapter A --out O --max-shard-size none     # one ema.safetensors, as the release
+QLoRA adapters merge into the unquantized release folder (never into 4-bit weights)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ftkit merge", description="Merge an adapter into a BAGEL release folder "
+                                 "(streaming: peak RAM ~ the adapter plus one 64 MiB block).",
+                                 epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="the unquantized release folder the adapter was trained on")
+    ap.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, adapter_model.safetensors, "
+                                                     "ftkit_adapter.json)")
+    ap.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="dtype of the written weights")
+    ap.add_argument("--max-shard-size", default="5GB",
+                    help="largest shard (e.g. 5GB, 500MB); 'none' writes one ema.safetensors (default 5GB; "
+                         "a checkpoint that fits in one shard is always written as ema.safetensors)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    ap.add_argument("--no-verify", action="store_true", help="skip the probe-batch comparison with base + adapter")
+    ap.add_argument("--tolerance", type=float, default=None,
+                    help="max abs difference allowed by verification (default 1e-4 fp32, 2e-2 bf16/fp16)")
+    return ap
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ftkit merge``; returns the exit status (0 ok, 1 failed, 2 bad usage)."""
+    a = build_parser().parse_args(argv)
+    from ftkit.adapters.io import AdapterError
+    from ftkit.adapters.merge import MergeError, merge
+
+    try:
+        rep = merge(a.base, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+                    verify=not a.no_verify, tolerance=a.tolerance, progress=True)
+    except (FileNotFoundError, FileExistsError, AdapterError, MergeError, OSError, ValueError) as e:
+        print(f"ftkit merge: error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {rep.merged} projections ({rep.method})"
+          + (f", replaced {rep.replaced} modules_to_save tensors" if rep.replaced else "")
+          + (f", upcycled {rep.upcycled} _moe_sem tensors" if rep.upcycled else "")
+          + f"; {rep.tensors} tensors, {rep.total_bytes / 1e9:.3f} GB in {rep.seconds:.1f} s")
+    if rep.max_diff is not None:
+        print(f"verification: max abs diff {rep.max_diff:.3e} vs base + adapter (tolerance {rep.tolerance:.1e}): ok")
+    else:
+        print("verification: skipped (--no-verify)")
+    print(f"wrote {rep.out}: {', '.join(rep.files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(merge_main())
