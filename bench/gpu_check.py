@@ -231,9 +231,6 @@ def throughput(dev, smoke, budget_s):
     res = {"layers": sizes["layers"], "hidden": sizes["hidden"], "tokens": b.sequence_length}
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = [f"{p}_moe_gen" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [r"mlp_moe_gen.gate_proj",
-                                                                                    "mlp_moe_gen.up_proj",
-                                                                                    "mlp_moe_gen.down_proj"]
     for name, backend, attn, quant in (("torch+flex", "torch", "flex", None), ("liger+flex", "liger", "flex", None),
                                        ("qlora_nf4+liger+flex+ckpt", "liger", "flex", "nf4")):
         if backend == "liger" and not kernels.liger_available():

@@ -85,3 +85,15 @@ def test_shapes_verb_generates_valid_records(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(out / "records.jsonl")]) == 0
     assert "6 records, 6 good, 0 bad" in capsys.readouterr().out
+
+
+def test_validate_accepts_a_dataset_folder(tmp_path, capsys):
+    """A folder written by `ftkit data shapes` (records.jsonl + images/) is an ftkit dataset."""
+    out = tmp_path / "shapes"
+    assert main(["shapes", "--out", str(out), "--n", "4", "--seed", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0
+    assert "4 records, 4 good, 0 bad" in capsys.readouterr().out
+    (out / "images" / sorted(p.name for p in (out / "images").iterdir())[0]).write_bytes(b"not a png")
+    assert main(["validate", str(out)]) == 1
+    assert "images/" in capsys.readouterr().out

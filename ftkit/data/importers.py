@@ -69,12 +69,22 @@ _GOT_OBJ = re.compile(
 _GOT_TAG = re.compile(r"<\|(obj_start|obj_end|box_start|box_end)\|>")
 
 
+def ftkit_records_file(folder: Path) -> Path | None:
+    """``records.jsonl`` / ``records.parquet`` inside an ftkit dataset folder (what ``ftkit data shapes`` writes)."""
+    for name in ("records.jsonl", "records.parquet"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def guess_format(path: str | Path) -> str:
-    """Format of a path with no registry entry: ``.tar`` or a folder of samples -> genref,
-    otherwise ftkit. Raises ``FileNotFoundError``."""
+    """Format of a path with no registry entry: a folder holding ``records.jsonl`` / ``records.parquet``
+    -> ftkit, ``.tar`` or a folder of samples -> genref, otherwise ftkit. Raises ``FileNotFoundError``."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir() and ftkit_records_file(p) is not None:
+        return "ftkit"
     if p.suffix == ".tar" or p.is_dir():
         return "genref"
     return "ftkit"
@@ -513,6 +523,9 @@ def open_sources(path: str | Path, format: str | None = None, fields: dict[str, 
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     suffix = p.suffix.lower()
     if fmt == "ftkit":
+        if p.is_dir() and ftkit_records_file(p) is not None:
+            p = ftkit_records_file(p)
+            suffix = p.suffix.lower()
         if suffix == ".jsonl":
             return [FtkitJsonlSource(p, fields, streaming)]
         if suffix == ".parquet":

@@ -10,7 +10,6 @@ the batches an uninterrupted run would have seen. Under DDP/FSDP, rank ``r`` of 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -8,9 +8,10 @@ BAGEL-7B defaults when the folder is absent):
   lm_head, norms, ViT, connectors) in the compute dtype, the FLUX VAE (84M params);
 * adapters: r * (in + out) per targeted Linear, fp32; AdamW state: 2 x fp32 per trainable param
   + fp32 gradients;
-* activations at the recipe's token budget: per decoder layer ~ (34 H + 5 heads * 0) bytes/token in
-  bf16 without checkpointing, ~2 H bytes/token with it (plus one layer recomputed), the chunked CE's
-  chunk x vocab fp32 logits.
+* activations at the recipe's token budget: per decoder layer and token, the tensors saved for
+  backward (~(7 H + 2 kv + 4 I) values: norms, q/k/v, attention output, residuals, SwiGLU's gate/up/
+  product; flash/flex attention keeps no L x L scores); with gradient checkpointing only each layer's
+  input (H values) plus one layer recomputed; and the chunked CE's chunk x vocab fp32 logits (x2).
 The device is the first CUDA GPU when present (else ``--device-memory GB``); the estimate warns when
 the total will not fit.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ftkit.models.config import LLMConfig, ViTConfig
@@ -32,7 +34,13 @@ def _configs(model: dict) -> tuple[LLMConfig, ViTConfig, int, str]:
     path = Path(model.get("model_path", ""))
     tiny = model.get("tiny")
     if (path / "llm_config.json").is_file():
-        return LLMConfig.from_json(path / "llm_config.json"), ViTConfig.from_json(path / "vit_config.json"), 84_000_000, str(path)
+        vae = 84_000_000
+        if (path / "ae.safetensors").is_file():  # count the real autoencoder from its header
+            from safetensors import safe_open
+
+            with safe_open(str(path / "ae.safetensors"), "pt") as f:
+                vae = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return LLMConfig.from_json(path / "llm_config.json"), ViTConfig.from_json(path / "vit_config.json"), vae, str(path)
     if tiny is not None:
         t = dict(tiny)
         llm = LLMConfig(hidden_size=t.get("hidden", 128), intermediate_size=t.get("intermediate", 256),
@@ -50,9 +58,9 @@ def estimate(cfg: dict) -> dict:
     llm, vit, vae_params, source = _configs(model)
     experts = 3 if model.get("three_experts") or model.get("backbone") == "fox" else 2
     dt = BYTES[model.get("dtype", "bf16")]
-    H, I, Lyr, V = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size
+    H, Im, Lyr, V = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size
     kv = llm.num_key_value_heads * llm.head_dim
-    lin_shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, I), (H, I), (I, H)]  # q k v o gate up down (in, out)
+    lin_shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, Im), (H, Im), (Im, H)]  # q k v o gate up down (in, out)
     lin_params = sum(i * o for i, o in lin_shapes) * Lyr * experts
     other_llm = 2 * V * H + Lyr * experts * (2 * H + 2 * llm.head_dim)
     vit_params = vit.num_hidden_layers * (4 * vit.hidden_size**2 + 2 * vit.hidden_size * vit.intermediate_size) \
@@ -72,8 +80,10 @@ def estimate(cfg: dict) -> dict:
     adapters = adapter_params * 4
     tokens = int(data.get("token_budget", 2048))
     ckpt = bool(model.get("gradient_checkpointing"))
-    per_layer_tok = (2 * H * 2) if ckpt else (34 * H + 2 * I * 3) * 2 / 2
-    act = tokens * Lyr * per_layer_tok + (tokens * (34 * H + 6 * I) if ckpt else 0) \
+    act_b = 4 if dt == 4 else 2
+    full_layer = (7 * H + 2 * kv + 4 * Im) * act_b  # tensors one layer saves for backward, per token
+    per_layer_tok = H * act_b if ckpt else full_layer  # checkpointing keeps only each layer's input
+    act = tokens * Lyr * per_layer_tok + (tokens * full_layer if ckpt else 0) \
         + int(model.get("ce_chunk_size", 1024)) * V * 4 * 2
     total = weights + adapters + optim + act
     return {"source": source, "experts": experts, "quantize": q, "dtype": model.get("dtype", "bf16"),
