@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import lightning as L
-
 import torch
 
 from ftkit.data.packer import PackConfig

@@ -291,8 +291,9 @@ def test_load_for_inference_folder_kinds(env, tmp_path):
     with pytest.warns(UserWarning, match="adapter was trained on"):
         model, _ = load_for_inference(env["merged"], env["adapter"])
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match="not supported for sharded"):
-        load_for_inference(env["merged"], quantize="nf4")
+    # the sharded merge output loads through load_bagel's index reader, quantized too
+    sharded4, _ = load_for_inference(env["merged"], quantize="nf4")
+    assert type(sharded4.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     # QLoRA-style: 4-bit base + the adapter, still generates
     from ftkit.infer.mcot import text_to_image
 

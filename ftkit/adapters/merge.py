@@ -507,25 +507,6 @@ def run_probe(model: nn.Module, probe) -> dict[str, torch.Tensor]:
     return {"hidden": out.hidden.float(), "ce_logits": out.ce_logits.float(), "velocity": out.velocity_pred.float()}
 
 
-def load_checkpoint_into(model: nn.Module, folder: str | Path) -> None:
-    """Overwrite every release tensor of ``model`` from ``folder``'s ema.safetensors or sharded index.
-
-    Raises:
-        MergeError: missing / unexpected / mis-shaped tensors (named).
-    """
-    target = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith("vae.")}
-    with Checkpoint(folder) as ck:
-        missing, unexpected = sorted(set(target) - set(ck.infos)), sorted(set(ck.infos) - set(target))
-        if missing or unexpected:
-            raise MergeError(f"{folder}: tensors do not match the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
-        with torch.no_grad():
-            for k, t in target.items():
-                info = ck.infos[k]
-                if tuple(info.shape) != tuple(t.shape):
-                    raise MergeError(f"{folder}: {k} {list(info.shape)}, model {list(t.shape)}")
-                t.copy_(ck.read(k).to(t.dtype))
-
-
 def verify_merge(base: Path, adapter: Path, merged: Path, three_experts: bool) -> dict:
     """Max |difference| between base + adapter (fp32, peft layers) and the merged folder (fp32) on
     :func:`probe_batch` (final hidden states, CE logits, velocity predictions). Loads one model at a
@@ -540,11 +521,7 @@ def verify_merge(base: Path, adapter: Path, merged: Path, three_experts: bool) -
     probe = probe_batch(ref_model.cfg)
     ref = run_probe(ref_model, probe)
     del ref_model
-    if (merged / WEIGHTS).is_file():
-        model = load_bagel(merged, dtype=torch.float32)
-    else:  # sharded: ftkit's loader reads ema.safetensors only; fill a base-built model from the index
-        model = load_bagel(base, dtype=torch.float32, three_experts=three_experts)
-        load_checkpoint_into(model, merged)
+    model = load_bagel(merged, dtype=torch.float32)  # ema.safetensors or the sharded index
     got = run_probe(model, probe)
     diffs = {k: (got[k] - ref[k]).abs().max().item() if ref[k].numel() else 0.0 for k in ref}
     scaled = {k: d / max(1.0, ref[k].abs().max().item() if ref[k].numel() else 0.0) for k, d in diffs.items()}
@@ -610,8 +587,8 @@ def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: MergeReport, 
     if others:
         lines.append(f"| other | `{json.dumps(others)}` |")
     lines += ["", "## Loading", "",
-              "ftkit: `ftkit.models.loading.load_bagel(PATH)`" + (" (needs index support, see ftkit docs)"
-                                                                  if rep.sharded else "") + ".",
+              "ftkit: `ftkit.models.loading.load_bagel(PATH)` or `ftkit generate --model PATH` "
+              "(reads `ema.safetensors` or the sharded index).",
               "Upstream BAGEL: point its loader at this folder " + (
                   f"(`load_checkpoint_and_dispatch(model, checkpoint=PATH)` reads `{INDEX}`)." if rep.sharded else
                   f"(`{WEIGHTS}`, as the release)."), ""]
@@ -779,4 +756,4 @@ def merge_into_model(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["merge", "merge_into_model", "MergeError", "MergeReport", "Checkpoint", "StreamingSafetensorsWriter",
-           "load_checkpoint_into", "verify_merge", "probe_batch", "parse_size", "lora_scale", "FOUR_BIT_EXPLANATION"]
+           "verify_merge", "probe_batch", "parse_size", "lora_scale", "FOUR_BIT_EXPLANATION"]

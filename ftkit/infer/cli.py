@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -104,67 +103,6 @@ def detect_model_folder(path: str | os.PathLike) -> str:
     raise FileNotFoundError(f"{folder}: not a model folder (no llm_config.json, no config.json); {FOLDER_HELP}")
 
 
-def _infer_sharded_config(folder: Path, infos: dict) -> dict:
-    """BAGEL-level constants from tensor shapes, the same rules as
-    :func:`ftkit.models.loading.infer_bagel_config` over the shards' headers."""
-    from ftkit.models.loading import CheckpointError
-
-    out = {}
-    for key, field_ in (("latent_pos_embed.pos_embed", "max_latent_size"),
-                        ("vit_pos_embed.pos_embed", "vit_max_num_patch_per_side")):
-        if key not in infos:
-            raise CheckpointError(f"{folder / SHARD_INDEX}: missing key {key}")
-        rows = infos[key].shape[0]
-        side = math.isqrt(rows)
-        if side * side != rows:
-            raise CheckpointError(f"{folder / SHARD_INDEX}: {key} has {rows} rows, not a square grid")
-        out[field_] = side
-    if any("_moe_sem" in k for k in infos):
-        out.update(experts=("", "_moe_sem", "_moe_gen"), routing=(0, 1, 2))
-    if "vae2llm.weight" in infos:
-        out["latent_channels"] = infos["vae2llm.weight"].shape[1] // 4
-    return out
-
-
-def load_sharded_bagel(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu"):
-    """Load a BAGEL folder whose weights are shards + ``model.safetensors.index.json`` (``ftkit merge``
-    output above ``--max-shard-size``); ``load_bagel`` reads ``ema.safetensors`` only.
-
-    The model is built on the meta device, given uninitialised storage in ``dtype`` on ``device`` and
-    then every tensor is overwritten from its shard (:func:`ftkit.adapters.merge.load_checkpoint_into`:
-    strict on names and shapes, so nothing stays uninitialised). The VAE comes from ``ae.safetensors``.
-
-    Raises:
-        FileNotFoundError: a config, shard, ``ae.safetensors`` or the tokenizer is missing.
-        CheckpointError / MergeError (both ValueError-like): bad index, missing / unexpected / mis-shaped
-            tensors (named).
-    """
-    from ftkit.adapters.merge import Checkpoint, load_checkpoint_into
-    from ftkit.models.bagel import BagelModel
-    from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig
-    from ftkit.models.loading import load_tokenizer, special_token_ids
-    from ftkit.models.vae import AEConfig, load_ae
-
-    folder = Path(path)
-    absent = [f for f in ("llm_config.json", "vit_config.json", "ae.safetensors") if not (folder / f).is_file()]
-    if absent:
-        raise FileNotFoundError(f"{folder}: missing {', '.join(absent)}; {FOLDER_HELP}")
-    with Checkpoint(folder) as ck:
-        extra = _infer_sharded_config(folder, ck.infos)
-    llm = LLMConfig.from_json(folder / "llm_config.json")
-    vit = ViTConfig.from_json(folder / "vit_config.json")
-    specials = special_token_ids(load_tokenizer(folder))
-    cfg = BagelConfig(llm=llm, vit=vit, **extra, **specials)
-    with torch.device("meta"):
-        model = BagelModel(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    load_checkpoint_into(model, folder)
-    ae_cfg = AEConfig.from_json(folder / "ae_config.json") if (folder / "ae_config.json").is_file() else AEConfig.flux()
-    model.vae = load_ae(folder / "ae.safetensors", ae_cfg, dtype=dtype, device=device)
-    return model
-
-
 def _adapter_base(adapter: Path) -> tuple[str | None, list[str]]:
     """(recorded base path, experts the adapter was trained with) from ``ftkit_adapter.json``."""
     from ftkit.adapters.io import AdapterFolder
@@ -180,7 +118,7 @@ def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike
     every parameter frozen.
 
     The folder kind is detected (:func:`detect_model_folder`): BAGEL release / merged folder
-    (:func:`ftkit.models.loading.load_bagel`), sharded merged folder (:func:`load_sharded_bagel`) or FoX
+    (:func:`ftkit.models.loading.load_bagel`), sharded merged folder (also :func:`~ftkit.models.loading.load_bagel`) or FoX
     (:func:`ftkit.models.fox.load_fox`). With ``adapter``, the base is loaded the way the adapter was
     trained (an adapter trained on a three-expert upcycled BAGEL loads the base with ``three_experts``),
     then :func:`ftkit.adapters.io.load_adapter` attaches it and checks shapes and architecture. The base
@@ -220,23 +158,12 @@ def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike
 
         model = load_fox(folder, dtype=dt, device=dev, quantize=quantize)
         tokenizer = load_fox_tokenizer(folder, vocab_size=model.cfg.llm.vocab_size)
-    elif kind == "bagel":
+    else:  # "bagel" or "bagel-sharded": load_bagel reads ema.safetensors or the shards' index
         from ftkit.models.loading import load_bagel, load_tokenizer
 
         # three_experts only upcycles a two-expert folder; a three-expert (merged) folder loads as it is
         model = load_bagel(folder, dtype=dt, device=dev, quantize=quantize, three_experts=three_experts)
         tokenizer = load_tokenizer(folder)
-    else:
-        from ftkit.models.loading import load_tokenizer
-
-        if quantize is not None:
-            raise ValueError(f"{folder}: quantize={quantize!r} is not supported for sharded folders "
-                             f"({SHARD_INDEX}); merge with --max-shard-size none to get one ema.safetensors")
-        model = load_sharded_bagel(folder, dtype=dt, device=dev)
-        tokenizer = load_tokenizer(folder)
-        if three_experts and len(model.cfg.experts) == 2:
-            raise ValueError(f"{adapter}: adapter was trained on a three-expert model; {folder} is a two-expert "
-                             "sharded folder (merge it with --max-shard-size none to upcycle at load)")
     if adapter is not None:
         load_adapter(model, adapter)
     model.eval()
@@ -591,5 +518,5 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["build_eval_parser", "build_generate_parser", "check_out_dir", "detect_model_folder", "eval_main",
-           "generate", "generate_main", "load_detector", "load_for_inference", "load_sharded_bagel", "prompt_stem",
+           "generate", "generate_main", "load_detector", "load_for_inference", "prompt_stem",
            "read_prompts", "resolve_device", "resolve_dtype"]
