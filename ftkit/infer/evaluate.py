@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -122,13 +121,9 @@ def results_table(scores: Mapping[str, Mapping[str, float | None]], counts: Mapp
 
 
 # ------------------------------------------------------------------------------------ failure sheets
-def _font():
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=11)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+# the MCoT contact sheet's cells and font (one look for every sheet ftkit writes)
+from ftkit.infer.mcot import _font  # noqa: E402
+from ftkit.infer.mcot import _text_cell as _panel_text  # noqa: E402
 
 
 def _panel_image(image, title: str, dets, cell: int):
@@ -144,22 +139,6 @@ def _panel_image(image, title: str, dets, cell: int):
         d.text((x0 * sx + 2, y0 * sy + 1), f"{det.color or ''} {det.cls}".strip(), fill="#ff3b30", font=_font())
     im.paste(pic, (0, 16))
     ImageDraw.Draw(im).text((3, 2), title, fill="black", font=_font())
-    return im
-
-
-def _panel_text(text: str, title: str, cell: int):
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (cell, cell + 16), "white")
-    d = ImageDraw.Draw(im)
-    d.text((3, 2), title, fill="black", font=_font())
-    lines = []
-    for para in (text or "").splitlines():
-        lines += textwrap.wrap(para, max(10, cell // 7)) or [""]
-    room = cell // 13
-    if len(lines) > room:
-        lines = lines[: room - 1] + ["..."]
-    d.multiline_text((4, 20), "\n".join(lines), fill="black", font=_font(), spacing=2)
     return im
 
 
