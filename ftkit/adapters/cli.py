@@ -1,4 +1,6 @@
-"""``ftkit merge``: fold a trained adapter into a BAGEL release folder (see :func:`ftkit.adapters.merge.merge`)."""
+"""``ftkit merge``: fold a trained adapter into a BAGEL release folder (:func:`ftkit.adapters.merge.merge`) or a
+FoX checkpoint folder (:func:`ftkit.adapters.merge_fox.merge_fox`, chosen when ``--base``'s config.json has
+``model_type: "ftkit-fox"``)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ USAGE_EPILOG = """\
 examples:
   ftkit merge --base models/BAGEL-7B-MoT --adapter runs/bagel-mcot/latest/adapter --out models/bagel-mcot
   ftkit merge --base B --adapter A --out O --max-shard-size none     # one ema.safetensors, as the release
+  ftkit merge --base models/fox-shared --adapter runs/fox/latest/adapter --out models/fox-merged   # FoX folder
 QLoRA adapters merge into the unquantized release folder (never into 4-bit weights)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ftkit merge", description="Merge an adapter into a BAGEL release folder "
-                                 "(streaming: peak RAM ~ the adapter plus one 64 MiB block).",
+                                 "(streaming: peak RAM ~ the adapter plus one 64 MiB block) or a FoX folder "
+                                 "(in memory; written as one model.safetensors).",
                                  epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="the unquantized release folder the adapter was trained on")
     ap.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, adapter_model.safetensors, "
@@ -36,10 +40,18 @@ def merge_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from ftkit.adapters.io import AdapterError
     from ftkit.adapters.merge import MergeError, merge
+    from ftkit.adapters.merge_fox import is_fox_folder, merge_fox
 
     try:
-        rep = merge(a.base, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
-                    verify=not a.no_verify, tolerance=a.tolerance, progress=True)
+        if is_fox_folder(a.base):
+            if a.max_shard_size != build_parser().get_default("max_shard_size"):
+                print("ftkit merge: note: --max-shard-size is ignored for a FoX base (load_fox reads one "
+                      "model.safetensors)", file=sys.stderr)
+            rep = merge_fox(a.base, a.adapter, a.out, dtype=a.dtype, overwrite=a.overwrite, verify=not a.no_verify,
+                            tolerance=a.tolerance)
+        else:
+            rep = merge(a.base, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                        overwrite=a.overwrite, verify=not a.no_verify, tolerance=a.tolerance, progress=True)
     except (FileNotFoundError, FileExistsError, AdapterError, MergeError, OSError, ValueError) as e:
         print(f"ftkit merge: error: {e}", file=sys.stderr)
         return 1
@@ -47,6 +59,10 @@ def merge_main(argv: list[str] | None = None) -> int:
           + (f", replaced {rep.replaced} modules_to_save tensors" if rep.replaced else "")
           + (f", upcycled {rep.upcycled} _moe_sem tensors" if rep.upcycled else "")
           + f"; {rep.tensors} tensors, {rep.total_bytes / 1e9:.3f} GB in {rep.seconds:.1f} s")
+    if hasattr(rep, "fox_mode_out"):
+        print(f"FoX: fox_mode {rep.fox_mode_in} -> {rep.fox_mode_out}"
+              + (f"; untied experts {[s or 'base' for s in rep.untied_experts]}" if rep.untied_experts else "")
+              + (f"; still shared {rep.shared_experts}" if rep.shared_experts else ""))
     if rep.max_diff is not None:
         print(f"verification: max abs diff {rep.max_diff:.3e} vs base + adapter (tolerance {rep.tolerance:.1e}): ok")
     else:

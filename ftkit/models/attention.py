@@ -13,10 +13,13 @@ never materialises the L x L matrix.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("ftkit")
 
 MODE_CAUSAL, MODE_FULL, MODE_NOISE = 0, 1, 2
 _MODES = {"causal": MODE_CAUSAL, "full": MODE_FULL, "noise": MODE_NOISE}
@@ -80,6 +83,7 @@ class AttentionSpec:
 
 
 _flex_compiled = None
+_flex_failed: set = set()
 
 
 def _flex(q, k, v, block_mask, scale, enable_gqa):
@@ -91,22 +95,31 @@ def _flex(q, k, v, block_mask, scale, enable_gqa):
     return _flex_compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
-    """q [H, L, d], k/v [Hkv, L, d] -> [H, L, d] under the packed mask (GQA: head j uses kv j // (H/Hkv))."""
-    gqa = q.shape[0] != k.shape[0]
-    if spec.impl == "flex":
-        return _flex(q[None], k[None], v[None], spec.block_mask(), scale, gqa)[0]
-    if gqa:
-        rep = q.shape[0] // k.shape[0]
-        k = k.repeat_interleave(rep, dim=0)
-        v = v.repeat_interleave(rep, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.dense(), scale=scale)
-
-
-def cached_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of new queries over [cache + new] keys with an explicit [Lq, Lk] mask (inference)."""
+def _sdpa(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA with an explicit boolean mask; GQA by repeating each KV head for its query heads."""
     if q.shape[0] != k.shape[0]:
         rep = q.shape[0] // k.shape[0]
         k = k.repeat_interleave(rep, dim=0)
         v = v.repeat_interleave(rep, dim=0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
+    """q [H, L, d], k/v [Hkv, L, d] -> [H, L, d] under the packed mask (GQA: head j uses kv j // (H/Hkv))."""
+    gqa = q.shape[0] != k.shape[0]
+    key = (q.dtype, q.shape[-1])
+    if spec.impl == "flex" and key not in _flex_failed:
+        try:
+            return _flex(q[None], k[None], v[None], spec.block_mask(), scale, gqa)[0]
+        except Exception as e:  # inductor found no flex kernel for this dtype / head size (seen: fp32, d=16)
+            if q.device.type != "cuda":
+                raise
+            _flex_failed.add(key)
+            log.warning("flex attention cannot compile for %s, head_dim %d (%s); using SDPA with a dense mask",
+                        q.dtype, q.shape[-1], type(e).__name__)
+    return _sdpa(q, k, v, spec.dense(), scale)
+
+
+def cached_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of new queries over [cache + new] keys with an explicit [Lq, Lk] mask (inference)."""
+    return _sdpa(q, k, v, mask, scale)

@@ -103,7 +103,8 @@ class BagelModel(nn.Module):
 
     # ------------------------------------------------------------------ embedding of a packed batch
     def encode_vit(self, batch: PackedBatch) -> torch.Tensor:
-        feats = self.vit_model(batch.vit_tokens.to(self.dtype), batch.vit_position_ids, batch.vit_seqlens)
+        dev = self.device
+        feats = self.vit_model(batch.vit_tokens.to(dev, self.dtype), batch.vit_position_ids.to(dev), batch.vit_seqlens)
         return feats
 
     def enable_vae_cache(self, max_items: int) -> None:
