@@ -361,3 +361,18 @@ def test_shipped_eval_set_is_reproducible(tmp_path):
         a, b = (np.asarray(Image.open(d / "images" / name)) for d in (fresh, shipped))
         assert np.array_equal(a, b), name
     assert evaluate(read_records(shipped), root=shipped)["overall"] == 1.0
+
+
+def test_noise_is_not_a_scene():
+    """Texture (e.g. an untrained generator's output) must not pass as objects in any category."""
+    import numpy as np
+
+    from ftkit.data.geneval import ColorShapeDetector, evaluate_image
+
+    rng = np.random.default_rng(0)
+    det = ColorShapeDetector()
+    for k in range(20):
+        noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        assert det.detect(noise) == []
+        ok, reason = evaluate_image(noise, {"tag": "single_object", "include": [{"class": "cross", "count": 1}]})
+        assert not ok and "found 0" in reason

@@ -161,6 +161,10 @@ class ColorShapeDetector:
             as that colour.
         min_area: smallest component in pixels, as a fraction of the image area (0.003: 12 px at 64x64).
         min_iou: smallest IoU with the best shape template for a component to be an object.
+        min_border_agreement / min_background: a shapes-world scene has a plain background; when fewer
+            than this fraction of the border pixels (resp. of all pixels) lie within ``tolerance`` of the
+            background colour, the image is not a scene (noise, clutter) and nothing is detected, so
+            texture cannot pass as objects.
     """
 
     def __init__(
@@ -170,6 +174,8 @@ class ColorShapeDetector:
         tolerance: float = 60.0,
         min_area: float = 0.003,
         min_iou: float = 0.6,
+        min_border_agreement: float = 0.8,
+        min_background: float = 0.35,
     ):
         from ftkit.data import shapes
 
@@ -179,6 +185,16 @@ class ColorShapeDetector:
         self.classes = tuple(shapes.CLASSES if classes is None else classes)
         self._mask = shapes.shape_mask
         self.tolerance, self.min_area, self.min_iou = float(tolerance), float(min_area), float(min_iou)
+        self.min_border_agreement, self.min_background = float(min_border_agreement), float(min_background)
+
+    def is_scene(self, image: np.ndarray) -> bool:
+        """Plain background: most border pixels and enough of the image match the border's median colour."""
+        img = np.asarray(image, dtype=np.float64)[..., :3]
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        bg = np.median(border, axis=0)
+        agree = float(np.mean(np.linalg.norm(border - bg, axis=-1) <= self.tolerance))
+        background = float(np.mean(np.linalg.norm(img - bg, axis=-1) <= self.tolerance))
+        return agree >= self.min_border_agreement and background >= self.min_background
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """``[H, W]`` int array: palette index of each pixel, -1 for background / unknown.
@@ -214,6 +230,8 @@ class ColorShapeDetector:
         return (best, best_iou) if best_iou >= self.min_iou else (None, best_iou)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
+        if not self.is_scene(image):
+            return []
         labels = self.segment(image)
         H, W = labels.shape
         min_area = max(4, round(self.min_area * H * W))
