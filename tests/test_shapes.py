@@ -371,7 +371,7 @@ def test_noise_is_not_a_scene():
 
     rng = np.random.default_rng(0)
     det = ColorShapeDetector()
-    for k in range(20):
+    for _ in range(20):
         noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         assert det.detect(noise) == []
         ok, reason = evaluate_image(noise, {"tag": "single_object", "include": [{"class": "cross", "count": 1}]})
