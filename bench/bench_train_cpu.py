@@ -1,10 +1,13 @@
 """Benchmark: one training step of a ~100M-parameter BAGEL-shaped model on CPU.
 
-    python bench/bench_train_cpu.py [--steps 4] [--workdir DIR] [--no-write] [--smoke]
+    python bench/bench_train_cpu.py [--steps 3] [--wait-quiet S] [--only LoRA:bf16 ...] [--workdir DIR]
+                                    [--json PATH] [--no-write] [--smoke]
+
+About 3.5 minutes on an idle 2-core machine (``--wait-quiet 60`` waits for other jobs to pause first).
 
 1. Measures the machine's matmul rates in this same run: fp32 and bf16 ``[n, n] @ [n, n]`` products
-   (n = 2048, 2 n^3 FLOPs each; median of 7 after 2 warm-ups; ``torch.set_num_threads`` = all cores),
-   plus one product at the model's own MLP shape ([L, 512] @ [512, 1408]) for reference.
+   (n = 2048, 2 n^3 FLOPs each; median of 7 clean products after 2 warm-ups; ``torch.set_num_threads``
+   = all cores), plus one product at the model's own MLP shape ([L, 512] @ [512, 1408]) for reference.
 2. Builds once (``build_random_bagel``) a BAGEL-architecture model: Qwen2 MoT decoder hidden 512,
    12 layers x 2 experts (understanding + generation), 8 heads, 2 KV heads, intermediate 1408, vocab
    32000 (untied lm_head); SigLIP-NaViT hidden 256, 4 layers, 4 heads, intermediate 1024; the tiny
@@ -13,7 +16,7 @@
    configuration with ``load_bagel`` (nf4 goes through the real loader).
 3. A fixed packed batch of one MCoT-shaped sample (:func:`make_segments`): prompt text, a 224 px ViT
    image (256 tokens), plan text with CE, a 256 px noisy VAE draft with the flow loss (256 tokens), the
-   same draft clean as context (256 tokens), reflection text with CE -- 1030 tokens in all.
+   same draft clean as context (256 tokens), reflection text with CE -- 1052 tokens in all.
 4. Six configurations, each in its own fresh child process (bench/_mem.py, so peak RSS is per
    configuration): {LoRA, QLoRA, full} x {fp32, bf16}.
 
@@ -23,15 +26,20 @@
      configuration's dtype, so "QLoRA fp32" is NF4 storage with fp32 compute) + the same LoRA +
      ``enable_gradient_checkpointing`` (decoder and ViT layers).
    * full: every parameter except the autoencoder and the fixed sin-cos position tables trains.
-   * bf16 = weights loaded in bf16 (``load_bagel(dtype=bf16)``), no autocast; peft keeps the LoRA
-     A/B in fp32 (its ``autocast_adapter_dtype`` default), so their AdamW state is fp32; in the full
+   * bf16 = weights loaded in bf16 (``load_bagel(dtype=bf16)``), no autocast; the LoRA A/B are cast
+     to fp32 after ``attach_adapters`` (peft's ``cast_adapter_dtype``, what ``get_peft_model`` does by
+     default; ftkit's ``inject_adapter_in_model`` path leaves them bf16), so their AdamW state is fp32; in the full
      bf16 run parameters, gradients and AdamW state are all bf16 (pure bf16, what ftkit's
      ``MCoTModule`` does with ``dtype: bf16`` and ``full_finetune: true``). Losses are computed in fp32.
 
    A step is what ``MCoTModule.compute_losses`` + the optimizer do: forward with fixed
    ``flow_noise`` / ``vae_posterior_eps``, ``per_token_ce`` (chunked, never all logits) mean +
    ``flow_mse_per_token`` mean, backward, ``AdamW.step``, ``zero_grad``. One warm-up step, then the
-   median of ``--steps`` timed steps.
+   median of ``--steps`` *clean* timed steps: the machine may be shared, and a step during which this
+   process's threads spent more than ``CLEAN_WAIT`` of their time runnable but waiting for a CPU
+   (run delay from /proc/self/task/*/schedstat) is repeated (at most 3 x ``--steps`` steps, none
+   started after ``MAX_TIMED_S`` of timed steps); every step's CPU wait is reported. The matmul peaks
+   are medians of clean products in the same way.
 
 Model FLOPs per step (what the MFU column divides by the matching dtype's measured matmul rate;
 recomputation under gradient checkpointing is not counted, so QLoRA's MFU is a *model* FLOPs
@@ -94,24 +102,78 @@ METHODS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEAK_N = 2048
+MAX_TIMED_S = 60.0
+CLEAN_WAIT = 0.05  # a step / product whose threads waited longer than this share of their time for a CPU is unclean
 LORA = dict(method="lora", preset="all-experts", r=16, alpha=32.0)
 
 
 # ----------------------------------------------------------------------------- machine peak
 
-def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, reps: int = 7, warmup: int = 2) -> float:
-    """Median GFLOP/s of ``[m, k] @ [k, n]`` (2 m k n FLOPs) in ``dtype`` over ``reps`` timed products."""
+def run_delay_ns() -> int | None:
+    """Total time this process's threads have spent runnable but waiting for a CPU (ns; field 2 of
+    /proc/self/task/*/schedstat), or None where the kernel does not expose it."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        except (OSError, IndexError, ValueError):
+            return None
+    return total
+
+
+def timed(fn, threads: int):
+    """Run ``fn()``; return (its result, wall seconds, CPU wait share).
+
+    CPU wait share = time this process's threads spent runnable but waiting for a CPU held by another
+    process / (wall x threads): ~0 on an idle machine, ~0.5 when another busy process takes one of two
+    cores; None where /proc/self/task/*/schedstat is missing.
+    """
+    d0, t0 = run_delay_ns(), time.perf_counter()
+    out = fn()
+    dt, d1 = time.perf_counter() - t0, run_delay_ns()
+    wait = None if d0 is None or d1 is None else (d1 - d0) / 1e9 / (dt * threads)
+    return out, dt, wait
+
+
+def is_clean(wait: float | None) -> bool:
+    return wait is None or wait <= CLEAN_WAIT
+
+
+def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, reps: int = 7, warmup: int = 2,
+                max_reps: int = 25) -> dict:
+    """GFLOP/s of ``[m, k] @ [k, n]`` (2 m k n FLOPs) in ``dtype``: the median over ``reps`` *clean* products
+    (CPU wait share <= CLEAN_WAIT, i.e. not slowed by other processes), trying at most ``max_reps``; the median
+    of all products when none was clean. Returns ``{"gflops", "clean", "tried"}``."""
+    threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=g).to(dtype)
     b = torch.randn(k, n, generator=g).to(dtype)
     for _ in range(warmup):
         torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times) / 1e9
+    clean, every = [], []
+    while len(clean) < reps and len(every) < max_reps:
+        _, dt, wait = timed(lambda: torch.mm(a, b), threads)
+        every.append(dt)
+        if is_clean(wait):
+            clean.append(dt)
+    flops = 2 * m * k * n
+    return {"gflops": flops / statistics.median(clean or every) / 1e9, "clean": len(clean), "tried": len(every),
+            "clean_s": clean, "every_s": every, "flops": flops}
+
+
+def pooled_rate(*runs: dict) -> dict:
+    """Pool several :func:`matmul_rate` results of the same product: median over all clean products."""
+    clean = [t for r in runs for t in r["clean_s"]]
+    every = [t for r in runs for t in r["every_s"]]
+    return {"gflops": runs[0]["flops"] / statistics.median(clean or every) / 1e9, "clean": len(clean),
+            "tried": len(every), "clean_s": clean, "every_s": every, "flops": runs[0]["flops"]}
 
 
 # ----------------------------------------------------------------------------- model and batch
@@ -231,7 +293,7 @@ def attention_flops(model, batch) -> dict:
 
 # ----------------------------------------------------------------------------- one configuration (child)
 
-def run_config(model_dir: str, method: str, dtype_name: str, steps: int, threads: int) -> dict:
+def run_config(model_dir: str, method: str, dtype_name: str, steps: int, threads: int, quiet_s: float = 0.0) -> dict:
     """Load, attach, warm up and time ``steps`` optimizer steps. Runs in a child process."""
     import ftkit.models.kernels as kernels
     from ftkit.adapters.attach import attach_adapters, enable_gradient_checkpointing
@@ -278,7 +340,9 @@ def run_config(model_dir: str, method: str, dtype_name: str, steps: int, threads
     train_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
     opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
     counter = FlopCounter(model)
-    # the matching peak, measured in this process just before its steps (the machine may be shared)
+    # the matching peak, measured in this process just before (and after) its steps (the machine may be shared)
+    if quiet_s:
+        wait_quiet(quiet_s, polls=2)
     peak = matmul_rate(dtype, PEAK_N, PEAK_N, PEAK_N)
 
     def step(count: bool = False) -> float:
@@ -297,16 +361,27 @@ def run_config(model_dir: str, method: str, dtype_name: str, steps: int, threads
     losses = [step(count=True)]
     warm_s = time.perf_counter() - t0
     counter.remove()
-    times, cpu_share, faults = [], [], []
+    # timed steps until `steps` clean ones (CPU wait share <= CLEAN_WAIT), at most 3 x steps, and no new attempt
+    # after MAX_TIMED_S of timed steps once `steps` were tried (the machine may be shared)
+    times, cpu_wait, faults = [], [], []
     contention = {"before": machine_load()}
-    for _ in range(steps):
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        losses.append(step())
-        dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    while True:
+        if quiet_s:  # start each step on a quiet machine (the wait is not timed)
+            wait_quiet(quiet_s, polls=2)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        loss, dt, wait = timed(step, threads)
+        losses.append(loss)
         times.append(dt)
-        cpu_share.append((r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (dt * threads))
-        faults.append(r1.ru_minflt - r0.ru_minflt)
+        cpu_wait.append(wait)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        n_clean = sum(is_clean(x) for x in cpu_wait)
+        if n_clean >= steps or len(times) >= 3 * steps or (len(times) >= steps and sum(times) > MAX_TIMED_S):
+            break
     contention["after"] = machine_load()
+    # and again after the steps: the peak is the median over the clean products of both sessions
+    if quiet_s:
+        wait_quiet(quiet_s, polls=2)
+    peak = pooled_rate(peak, matmul_rate(dtype, PEAK_N, PEAK_N, PEAK_N))
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"{method} {dtype_name}: non-finite loss {losses}")
 
@@ -328,9 +403,11 @@ def run_config(model_dir: str, method: str, dtype_name: str, steps: int, threads
         "tokens": batch.sequence_length, "n_ce": n_ce, "n_mse": batch.mse_indexes.numel(),
         "n_vit": batch.vit_tokens.shape[0], "n_vae": batch.vae_token_indexes.numel(),
         "params_base": n_base, "params_trainable": n_train, "trainable_dtypes": train_dtypes,
-        "load_s": load_s, "warmup_s": warm_s, "step_s": times, "step_s_median": statistics.median(times),
+        "load_s": load_s, "warmup_s": warm_s, "step_s": times,
+        "clean_steps": [t for t, x in zip(times, cpu_wait, strict=True) if is_clean(x)],
+        "step_s_median": statistics.median([t for t, x in zip(times, cpu_wait, strict=True) if is_clean(x)] or times),
         "losses": losses, "flops": flops, "flops_total": sum(flops.values()), "rss_loaded": rss_loaded,
-        "threads": torch.get_num_threads(), "peak_gflops": peak, "cpu_share": cpu_share,
+        "threads": torch.get_num_threads(), "peak_gflops": peak["gflops"], "peak_clean": peak, "cpu_wait": cpu_wait,
         "minor_faults": faults, "contention": contention,
     }
 
@@ -373,9 +450,25 @@ def machine() -> dict:
             "torch_cpu_capability": isa, "date": datetime.date.today().isoformat()}
 
 
+def wait_quiet(limit_s: float, polls: int = 3) -> float:
+    """Sleep until ``polls`` consecutive 1 s samples of /proc/stat ``procs_running`` show no runnable task
+    besides the reader, or ``limit_s`` passed; return the seconds waited."""
+    t0, quiet = time.perf_counter(), 0
+    while quiet < polls and time.perf_counter() - t0 < limit_s:
+        time.sleep(1.0)
+        with open("/proc/stat") as fh:
+            running = next((int(ln.split()[1]) for ln in fh if ln.startswith("procs_running")), 1)
+        quiet = quiet + 1 if running <= 1 else 0
+    return time.perf_counter() - t0
+
+
 def _load_str(d: dict) -> str:
     p = d.get("cpu_pressure_avg10")
     return f"load {d['loadavg_1m']:.1f}" + (f", CPU pressure {p:.0f}%" if p is not None else "")
+
+
+def _wait_str(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def render(res: dict) -> str:
@@ -402,7 +495,10 @@ def render(res: dict) -> str:
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM "
                  f"(torch CPU capability {m['torch_cpu_capability']}); {m['date']}; Python {m['python']}, "
                  f"torch {m['torch']}, bitsandbytes {m['bitsandbytes']}, peft {m['peft']}; {r0['threads']} threads. "
-                 f"Machine load at start: {_load_str(res['load_start'])}; at end: {_load_str(res['load_end'])}.")
+                 f"Machine load at start: {_load_str(res['load_start'])}; at end: {_load_str(res['load_end'])}"
+                 + ("; `--wait-quiet`: each configuration, timed step and peak measurement started once no other "
+                    "process was runnable (waits not timed)."
+                    if res.get("waited_s") else "."))
     lines.append("")
     n = res["matmul_n"]
     lines.append(
@@ -410,11 +506,11 @@ def render(res: dict) -> str:
         f"{rates['fp32']:.0f} / bf16 {rates['bf16']:.0f} GFLOP/s (bf16/fp32 = {rates['bf16'] / rates['fp32']:.1f}x); "
         f"at the model's MLP shape [{res['mlp_shape'][0]}, {res['mlp_shape'][1]}] @ [{res['mlp_shape'][1]}, "
         f"{res['mlp_shape'][2]}]: fp32 {rates['fp32_mlp_shape']:.0f} / bf16 {rates['bf16_mlp_shape']:.0f} GFLOP/s. "
-        "Each configuration measures its own dtype's rate again in its own process just before its timed steps "
-        "(column *peak*); **MFU = model FLOPs per step / median step time / that peak**.")
+        "Each configuration measures its own dtype's rate again in its own process, before and after its timed "
+        "steps (column *peak*: median of the clean products of both); **MFU = model FLOPs per step / median step time / that peak**.")
     lines.append("")
     lines.append("| method | dtype | trainable params | step s | tokens/s | peak RSS GB | model GFLOP/step | GFLOP/s "
-                 "| peak GFLOP/s | MFU | CPU share | loss first -> last |")
+                 "| peak GFLOP/s | MFU | clean steps: CPU wait of each | loss first -> last |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         lines.append(
@@ -422,14 +518,20 @@ def render(res: dict) -> str:
             f"| {r['params_trainable'] / 1e6:.2f}M {'/'.join(x.replace('float32', 'fp32').replace('bfloat16', 'bf16') for x in r['trainable_dtypes'])} "
             f"| {r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss'] / GB:.2f} "
             f"| {r['flops_total'] / 1e9:.0f} | {r['achieved_gflops']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
-            f"| {statistics.median(r['cpu_share']):.2f} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
+            f"| {len(r['clean_steps'])}/{len(r['step_s'])}: {' '.join(_wait_str(x) for x in r['cpu_wait'])} "
+            f"| {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |")
     lines.append("")
     lines.append(
-        f"*step s*: forward + chunked CE + flow MSE + backward + AdamW step + zero_grad, median of {res['steps']} steps "
-        "after one warm-up step (the same batch each step, so the loss falls). *peak RSS*: the child's VmHWM over "
-        f"load + all steps (a child holds {res['baseline_rss'] / GB:.2f} GB after its imports). *CPU share*: the "
-        "process's CPU time / (wall time x threads) during a step; below ~0.9 the step waited for CPUs taken by "
-        "other processes. bf16 = weights loaded in bf16, no autocast, losses in fp32; the LoRA A/B are cast to "
+        f"*step s*: forward + chunked CE + flow MSE + backward + AdamW step + zero_grad, the median over *clean* "
+        f"steps after one warm-up step (the same batch each step, so the loss falls). *CPU wait*: the time the "
+        f"process's threads were runnable but waiting for a CPU (/proc/self/task/*/schedstat) / (wall x threads); "
+        f"a step is *clean* when it is <= {CLEAN_WAIT}. This 2-core machine is shared with other jobs, and a step "
+        f"that loses one core to another process runs several times slower (two OpenMP threads, one "
+        f"descheduled, the other waiting for it at every op), so steps are repeated until {res['steps']} are clean "
+        f"(at most {3 * res['steps']}, no new one after {MAX_TIMED_S:.0f} s of timed steps). *peak* is measured "
+        f"the same way (clean products only). *peak RSS*: the child's VmHWM over load + all steps (a child "
+        f"holds {res['baseline_rss'] / GB:.2f} GB after its imports). "
+        "bf16 = weights loaded in bf16, no autocast, losses in fp32; the LoRA A/B are cast to "
         "fp32 after `attach_adapters` (peft's `autocast_adapter_dtype` default of `get_peft_model`), so their "
         "AdamW state is fp32; the full bf16 run is pure bf16 (parameters, gradients and AdamW state). "
         "QLoRA fp32 = NF4 storage with fp32 compute dtype. Trainable: LoRA r=16 alpha=32 on q/k/v/o and "
@@ -482,6 +584,16 @@ def auto_notes(res: dict) -> list[str]:
         if lo and q:
             notes.append(f"QLoRA vs LoRA, {dt}: {q['step_s_median'] / lo['step_s_median']:.2f}x the step time, "
                          f"{q['peak_rss'] / lo['peak_rss']:.2f}x the peak RSS.")
+    short = [f"{r['method']} {r['dtype']}" for r in res["configs"] if len(r["clean_steps"]) < res["steps"]]
+    if short:
+        notes.append(f"Fewer than {res['steps']} clean steps (the machine was busy; the median then includes "
+                     f"slowed steps, or is over all steps when none was clean): {', '.join(short)}.")
+    notes.append("bitsandbytes on CPU: in training mode `Linear4bit` dequantizes the whole NF4 weight to the compute "
+                 "dtype at every forward (`gemm_4bit` default implementation: `dequantize_4bit` + `F.linear`) and "
+                 "again for the input gradient in backward; gradient checkpointing adds one more forward per "
+                 "layer. The fused AVX512-BF16 NF4 kernel is used only for inference weights repacked at eval "
+                 "time, and its faster variant comes from the Hub `kernels` package, absent here (bnb logs "
+                 "\"Failed to load CPU gemm_4bit_forward from kernels-community\"). So on CPU QLoRA saves memory, not time.")
     faults = {f"{r['method']} {r['dtype']}": statistics.median(r["minor_faults"]) for r in res["configs"]}
     notes.append("Minor page faults per step (glibc returning freed blocks to the OS and faulting them back): "
                  + ", ".join(f"{k} {v / 1e3:.0f}k" for k, v in faults.items()) + ".")
@@ -495,6 +607,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
     ap.add_argument("--workdir", default=None, help="where the release folder is written (default: a temp dir)")
     ap.add_argument("--only", nargs="*", default=None, help="configurations METHOD:DTYPE, e.g. LoRA:bf16")
+    ap.add_argument("--wait-quiet", type=float, default=0.0,
+                    help="wait up to this many seconds for no other runnable process before each configuration "
+                         "(and up to half of it before each timed step and peak measurement)")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--json", default=None, help="also write the raw results to this JSON file")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, no write (tests the script)")
@@ -512,7 +627,8 @@ def main(argv=None) -> dict:
         if bad:
             ap.error(f"--only: unknown configuration(s) {bad}; choose from {[f'{m}:{d}' for m, d in configs]}")
         configs = [c for c in configs if c in want]
-    cmd = "python bench/bench_train_cpu.py" + (f" --steps {args.steps}" if args.steps != 3 else "")
+    cmd = ("python bench/bench_train_cpu.py" + (f" --steps {args.steps}" if args.steps != 3 else "")
+           + (f" --wait-quiet {args.wait_quiet:g}" if args.wait_quiet else ""))
     res: dict = {"command": cmd, "steps": steps, "machine": machine(), "shape": shape}
     t_all = time.perf_counter()
     res["load_start"] = machine_load()
@@ -520,9 +636,12 @@ def main(argv=None) -> dict:
     n = 512 if args.smoke else 2048
     L = 1030
     res["matmul_n"] = n
-    res["mlp_shape"] = [L, 512, 1408]
-    res["matmul_gflops"] = {k: matmul_rate(dt, n, n, n) for k, dt in DTYPES.items()}
-    res["matmul_gflops"].update({f"{k}_mlp_shape": matmul_rate(dt, L, 512, 1408, reps=15) for k, dt in DTYPES.items()})
+    res["mlp_shape"] = [L, shape["hidden"], shape["intermediate"]]
+    res["waited_s"] = [wait_quiet(args.wait_quiet)] if args.wait_quiet else []
+    res["matmul_detail"] = {k: matmul_rate(dt, n, n, n) for k, dt in DTYPES.items()}
+    res["matmul_detail"].update({f"{k}_mlp_shape": matmul_rate(dt, L, shape["hidden"], shape["intermediate"], reps=15)
+                                 for k, dt in DTYPES.items()})
+    res["matmul_gflops"] = {k: v["gflops"] for k, v in res["matmul_detail"].items()}
     print(f"[bench] matmul GFLOP/s: {json.dumps({k: round(v, 1) for k, v in res['matmul_gflops'].items()})}",
           flush=True)
 
@@ -534,7 +653,10 @@ def main(argv=None) -> dict:
         print(f"[bench] model built in {built['wall_s']:.1f} s: {json.dumps(res['params'])}", flush=True)
         rows = []
         for meth, dt in configs:
-            out = run_in_child(run_config, str(model_dir), meth, dt, steps, threads, preimport=PREIMPORT)
+            if args.wait_quiet:
+                res["waited_s"].append(wait_quiet(args.wait_quiet))
+            out = run_in_child(run_config, str(model_dir), meth, dt, steps, threads, args.wait_quiet / 2,
+                               preimport=PREIMPORT)
             r = out["result"]
             r["peak_rss"], r["ru_maxrss"], r["baseline_rss"] = out["peak_rss"], out["ru_maxrss"], out["baseline_rss"]
             r["tokens_per_s"] = r["tokens"] / r["step_s_median"]
@@ -542,7 +664,8 @@ def main(argv=None) -> dict:
             r["mfu"] = r["achieved_gflops"] / r["peak_gflops"]
             rows.append(r)
             print(f"[bench] {meth:5s} {dt}: step {r['step_s_median']:.2f} s ({', '.join(f'{t:.2f}' for t in r['step_s'])}), "
-                  f"CPU share {[round(x, 2) for x in r['cpu_share']]}, peak {r['peak_gflops']:.0f} GFLOP/s, "
+                  f"CPU wait {[_wait_str(x) for x in r['cpu_wait']]}, peak {r['peak_gflops']:.0f} GFLOP/s "
+                  f"({r['peak_clean']['clean']}/{r['peak_clean']['tried']} clean), "
                   f"{r['tokens_per_s']:.0f} tok/s, peak RSS {r['peak_rss'] / GB:.2f} GB, "
                   f"{r['flops_total'] / 1e9:.0f} GFLOP, MFU {100 * r['mfu']:.1f}%, load {r['load_s']:.1f} s, "
                   f"warm-up {r['warmup_s']:.1f} s, losses {[round(x, 4) for x in r['losses']]}", flush=True)

@@ -361,3 +361,22 @@ def test_load_missing_and_corrupt_files(saved_adapter, tmp_path, fresh):
     (bad / "ftkit_adapter.json").write_text("{not json")
     with pytest.raises(AdapterError, match=r"ftkit_adapter\.json: not valid JSON"):
         load_adapter(fresh(), bad)
+
+
+def test_bf16_base_keeps_fp32_adapters(fixture_dir):
+    """LoRA weights (and so their optimizer state) stay fp32 on a bf16 base; the forward still runs in bf16."""
+    from ftkit.adapters.attach import attach_adapters, trainable_parameters
+    from ftkit.adapters.config import AdapterConfig
+    from ftkit.models.loading import load_bagel
+
+    m = load_bagel(fixture_dir, dtype=torch.bfloat16, load_vae=False)
+    attach_adapters(m, AdapterConfig(preset="all-experts", r=4, alpha=8))
+    tp = trainable_parameters(m)
+    assert tp and all(p.dtype == torch.float32 for p in tp.values())
+    assert m.language_model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[401, 64, 277, 272, 402]])
+    logits = m.text_logits(ids)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    logits.float().sum().backward()
+    text_expert = [p for n, p in tp.items() if "lora_" in n and "_moe_" not in n]  # text uses expert ""
+    assert text_expert and all(p.grad is not None and p.grad.dtype == torch.float32 for p in text_expert)

@@ -176,3 +176,18 @@ def test_multiprocess_gradients_match_single_process(tiny_env, strategy):
     sb = load_file(runs / "multi" / "adapter" / "adapter_model.safetensors")
     assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+
+
+def test_full_finetune_bf16_keeps_fp32_master_weights(tiny_env):
+    recipe = write_recipe(tiny_env, "full", model={"adapter": None, "full_finetune": True, "dtype": "bf16",
+                                                    "loss": {"kl_prior": 0.0}},
+                          trainer={"max_steps": 3, "precision": "bf16-mixed"})
+    run_fit(recipe, "--run_id", "f")
+    run = tiny_env / "runs" / "full" / "f"
+    m = metrics(run)
+    assert all(torch.isfinite(torch.tensor(m[s]["train/total"])) for s in range(3))
+    ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    sd = ck["state_dict"]
+    assert any(k.endswith("mlp_moe_gen.up_proj.weight") for k in sd)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert not (run / "adapter").exists()  # nothing to export without an adapter

@@ -86,6 +86,11 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig, *, keep_base_copies: b
     for p in model.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(peft_cfg, model, adapter_name=ADAPTER_NAME)
+    # adapters of a bf16/fp16 base are kept in fp32 (and so is their AdamW state); peft casts the input
+    # to the adapter's dtype and the result back, so the frozen base keeps its compute dtype
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    cast_adapter_dtype(model, adapter_name=ADAPTER_NAME, autocast_adapter_dtype=True)
     attached = sorted(lora_layers(model))
     if attached != targets:
         raise AdapterStateError(f"peft adapted {len(attached)} modules, the config resolves to {len(targets)} "

@@ -190,7 +190,7 @@ class BagelModel(nn.Module):
         seq = torch.zeros(L, D, dtype=dt, device=dev)
         ex: dict = {}
         text = self.language_model.model.embed_tokens(batch.text_ids.to(dev))
-        seq = seq.index_put((batch.text_indexes.to(dev),), text)
+        seq = seq.index_put((batch.text_indexes.to(dev),), text.to(dt))
         if batch.vit_tokens.shape[0]:
             feats = self.encode_vit(batch)
             ex["vit_last_hidden"] = feats
@@ -198,7 +198,7 @@ class BagelModel(nn.Module):
             ex["vit_features_after_connector"] = conn
             vit_in = conn + self.vit_pos_embed(batch.vit_position_ids.to(dev))
             ex["vit_tokens_into_llm"] = vit_in
-            seq = seq.index_put((batch.vit_token_indexes.to(dev),), vit_in)
+            seq = seq.index_put((batch.vit_token_indexes.to(dev),), vit_in.to(dt))
         if batch.vae_images:
             shift = self.cfg.timestep_shift if timestep_shift is None else timestep_shift
             if clean_latent_tokens is None:
@@ -215,7 +215,7 @@ class BagelModel(nn.Module):
             x_t = (1 - t_tok[:, None]) * clean + t_tok[:, None] * noise
             temb = self.time_embedder(t_tok)
             vae_in = self.vae2llm(x_t.to(dt)) + temb + self.latent_pos_embed(batch.vae_position_ids.to(dev))
-            seq = seq.index_put((batch.vae_token_indexes.to(dev),), vae_in)
+            seq = seq.index_put((batch.vae_token_indexes.to(dev),), vae_in.to(dt))
             ex.update(packed_latent_clean=clean, packed_noisy_latent=x_t, packed_timesteps=t_tok, flow_noise=noise,
                       timestep_embeds=temb, vae_tokens_into_llm=vae_in, vae_timesteps_per_image=t_img)
         return seq, ex

@@ -138,7 +138,13 @@ class MCoTModule(L.LightningModule):
             attach_adapters(model, self.adapter_cfg)
         else:
             for n, p in model.named_parameters():
-                p.requires_grad_(not (n.startswith("vae.") or n.endswith("pos_embed")))
+                trains = not (n.startswith("vae.") or n.endswith("pos_embed"))
+                p.requires_grad_(trains)
+                if trains and p.dtype != torch.float32:  # fp32 master weights and AdamW state
+                    p.data = p.data.float()
+            if dtype != torch.float32:
+                log.info("full fine-tuning keeps fp32 master weights; run with trainer.precision bf16-mixed "
+                         "for bf16 compute")
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if hp.vae_cache_size and model.vae is not None:
