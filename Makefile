@@ -39,7 +39,9 @@ data: setup
 	$(FTKIT) data shapes --out data/shapes/eval --n 200 --seed 1 --overwrite
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_load.py
+	$(PY) bench/bench_merge.py
+	$(PY) bench/bench_train_cpu.py --wait-quiet 60
 
 clean-venv:
 	rm -rf $(VENV)
