@@ -549,29 +549,47 @@ class MergeReport:
     seconds: float = 0.0
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (its nearest existing ancestor)."""
     p = path
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
 
 
+def card_adapter_rows(ad: AdapterFolder, rep: MergeReport) -> list[str]:
+    """Model-card table rows describing the adapter (shared by the BAGEL and FoX merges)."""
+    cfg, fp = ad.cfg, ad.fingerprint
+    trained_on = f"QLoRA, {fp['quantization']} base" if fp.get("quantization") else fp.get("dtype", "?")
+    return [
+        f"| method | {rep.method} (preset `{cfg.preset}`, r {cfg.r}, alpha {cfg.alpha}"
+        + (f", per-expert r {cfg.expert_r}" if cfg.expert_r else "")
+        + (f", per-expert alpha {cfg.expert_alpha}" if cfg.expert_alpha else "") + ") |",
+        f"| merged projections | {rep.merged} |",
+        f"| modules_to_save | {', '.join(cfg.modules_to_save) or 'none'} |",
+        f"| trained on | {trained_on}; experts {fp.get('experts')} |",
+    ]
+
+
+def card_extra_rows(extra: dict) -> list[str]:
+    """Model-card rows for the run information recorded with the adapter (recipe, run, data, metrics, other)."""
+    known = ("recipe", "run", "data", "metrics")
+    rows = [f"| {key} | `{json.dumps(extra[key])}` |" for key in known if key in extra]
+    others = {k: v for k, v in extra.items() if k not in known}
+    if others:
+        rows.append(f"| other | `{json.dumps(others)}` |")
+    return rows
+
+
 def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: MergeReport, dtype: torch.dtype) -> str:
-    cfg, extra = ad.cfg, ad.meta.get("extra") or {}
-    fp = ad.fingerprint
+    extra = ad.meta.get("extra") or {}
     lines = [
         "# BAGEL with merged adapter", "",
         f"Merged by ftkit {ad.meta.get('ftkit_version', '?')} (`ftkit merge`).", "",
         "| | |", "|---|---|",
         f"| base | `{base}` |",
         f"| adapter | `{adapter}` |",
-        f"| method | {rep.method} (preset `{cfg.preset}`, r {cfg.r}, alpha {cfg.alpha}"
-        + (f", per-expert r {cfg.expert_r}" if cfg.expert_r else "")
-        + (f", per-expert alpha {cfg.expert_alpha}" if cfg.expert_alpha else "") + ") |",
-        f"| merged projections | {rep.merged} |",
-        f"| modules_to_save | {', '.join(cfg.modules_to_save) or 'none'} |",
-        f"| trained on | {'QLoRA, ' + fp['quantization'] + ' base' if fp.get('quantization') else fp.get('dtype', '?')}"
-        f"; experts {fp.get('experts')} |",
+        *card_adapter_rows(ad, rep),
         f"| weights | {str(dtype).removeprefix('torch.')} ({'sharded, ' + INDEX if rep.sharded else WEIGHTS}) |",
     ]
     if rep.upcycled:
@@ -580,12 +598,7 @@ def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: MergeReport, 
     if rep.max_diff is not None:
         lines.append(f"| verification | max abs diff {rep.max_diff:.3e} vs base + adapter on a probe batch "
                      f"(tolerance {rep.tolerance:.0e}) |")
-    for key in ("recipe", "run", "data", "metrics"):
-        if key in extra:
-            lines.append(f"| {key} | `{json.dumps(extra[key])}` |")
-    others = {k: v for k, v in extra.items() if k not in ("recipe", "run", "data", "metrics")}
-    if others:
-        lines.append(f"| other | `{json.dumps(others)}` |")
+    lines += card_extra_rows(extra)
     lines += ["", "## Loading", "",
               "ftkit: `ftkit.models.loading.load_bagel(PATH)` or `ftkit generate --model PATH` "
               "(reads `ema.safetensors` or the sharded index).",
@@ -655,7 +668,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
                                                for i in range(len(shards))]
         copies = [f for f in OPTIONAL_FILES if (base / f).is_file()] + list(CONFIG_FILES)
         need = total + sum((base / f).stat().st_size for f in copies) + (1 << 20) * len(shards)
-        free = _free_bytes(out.parent)
+        free = free_bytes(out.parent)
         if need > free:
             raise OSError(errno.ENOSPC, f"{out}: not enough disk space: the merged folder needs {need / 1e9:.2f} GB, "
                                         f"{free / 1e9:.2f} GB free")

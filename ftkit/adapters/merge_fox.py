@@ -52,7 +52,18 @@ import torch.nn as nn
 from ftkit.adapters.attach import lora_layers
 from ftkit.adapters.config import AdapterConfigError
 from ftkit.adapters.io import AdapterError, AdapterFolder, load_adapter, split_disk_key
-from ftkit.adapters.merge import DTYPES, MergeError, MergeReport, merge_into_model, probe_batch, run_probe
+from ftkit.adapters.merge import (
+    DTYPES,
+    MergeError,
+    MergeReport,
+    card_adapter_rows,
+    card_extra_rows,
+    free_bytes,
+    merge_into_model,
+    probe_batch,
+    run_probe,
+)
+from ftkit.models.fox import unique_tensors
 
 FOX_MODEL_TYPE = "ftkit-fox"  # == ftkit.models.fox.MODEL_TYPE (not imported here: keeps is_fox_folder light)
 WEIGHTS = "model.safetensors"
@@ -162,50 +173,19 @@ def untie_adapted_weights(model: nn.Module) -> tuple[list[str], list[str]]:
 
 # ----------------------------------------------------------------------------- writing
 
-def _fox_tensors(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Non-VAE state dict in ``dtype`` (non-floating tensors kept), each storage once; ties as save_fox."""
-    from ftkit.models.experts import tensor_storage_key
-
-    tensors, ties, first = {}, {}, {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        if k.startswith("vae."):
-            continue
-        key = tensor_storage_key(t)
-        if key in first:
-            ties[k] = first[key]
-            continue
-        first[key] = k
-        t = t.detach()
-        tensors[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    return tensors, ties
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _free_bytes(path: Path) -> int:
-    p = path
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
 def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: FoxMergeReport, dtype: torch.dtype) -> str:
-    cfg, extra, fp = ad.cfg, ad.meta.get("extra") or {}, ad.fingerprint
-    trained_on = (f"QLoRA, {fp['quantization']} base" if fp.get("quantization") else fp.get("dtype", "?"))
+    extra = ad.meta.get("extra") or {}
     lines = [
         "# FoX with merged adapter", "",
         f"Merged by ftkit {ad.meta.get('ftkit_version', '?')} (`ftkit merge`).", "",
         "| | |", "|---|---|",
         f"| base | `{base}` (fox_mode {rep.fox_mode_in}) |",
         f"| adapter | `{adapter}` |",
-        f"| method | {rep.method} (preset `{cfg.preset}`, r {cfg.r}, alpha {cfg.alpha}"
-        + (f", per-expert r {cfg.expert_r}" if cfg.expert_r else "")
-        + (f", per-expert alpha {cfg.expert_alpha}" if cfg.expert_alpha else "") + ") |",
-        f"| merged projections | {rep.merged} |",
-        f"| modules_to_save | {', '.join(cfg.modules_to_save) or 'none'} |",
-        f"| trained on | {trained_on}; experts {fp.get('experts')} |",
+        *card_adapter_rows(ad, rep),
         f"| weights | {str(dtype).removeprefix('torch.')} ({WEIGHTS}), fox_mode {rep.fox_mode_out}"
         + (f", shared experts {rep.shared_experts}" if rep.shared_experts else "") + " |",
     ]
@@ -218,12 +198,7 @@ def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: FoxMergeRepor
     if rep.max_diff is not None:
         lines.append(f"| verification | max abs diff {rep.max_diff:.3e} vs base + adapter on a probe batch "
                      f"(tolerance {rep.tolerance:.0e}, scaled diff {rep.max_scaled_diff:.3e}) |")
-    for key in ("recipe", "run", "data", "metrics"):
-        if key in extra:
-            lines.append(f"| {key} | `{json.dumps(extra[key])}` |")
-    others = {k: v for k, v in extra.items() if k not in ("recipe", "run", "data", "metrics")}
-    if others:
-        lines.append(f"| other | `{json.dumps(others)}` |")
+    lines += card_extra_rows(extra)
     lines += ["", "## Loading", "",
               "`ftkit.models.fox.load_fox(PATH)` (pass `quantize=\"nf4\"` for QLoRA on top) and "
               "`load_fox_tokenizer(PATH)`, or `ftkit generate --model PATH`.", ""]
@@ -320,7 +295,7 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
         pairs = shared_expert_pairs(model)
     except ValueError as e:
         raise MergeError(f"{base}: after untying, experts share only part of their weights ({e})") from e
-    tensors, ties = _fox_tensors(model, dtype)
+    tensors, ties = unique_tensors(model, dtype)  # each storage once, ties recorded as save_fox does
     cfg_dict = model.cfg.to_dict()
     lm = model.language_model
     if cfg_dict["llm"]["tie_word_embeddings"] and lm.lm_head.weight is not lm.model.embed_tokens.weight:
@@ -339,7 +314,7 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
                          untied_experts=untied, shared_experts=pairs, untied_other=other)
     del model
     need = total + _dir_bytes(vae_src) + (4 << 20)
-    free = _free_bytes(out.parent)
+    free = free_bytes(out.parent)
     if need > free:
         raise OSError(errno.ENOSPC, f"{out}: not enough disk space: the merged folder needs {need / 1e9:.2f} GB, "
                                     f"{free / 1e9:.2f} GB free")

@@ -598,6 +598,23 @@ def _is_quantized(model: nn.Module) -> bool:
                for p in model.parameters())
 
 
+def unique_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The non-VAE state dict with each storage once (shared experts, tied embeddings) and the ties
+    ``{name: name it shares storage with}``; floating tensors cast to ``dtype`` when given."""
+    tensors, ties, first = {}, {}, {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if k.startswith("vae."):
+            continue
+        key = tensor_storage_key(t)
+        if key in first:
+            ties[k] = first[key]
+            continue
+        first[key] = k
+        t = t.detach()
+        tensors[k] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return tensors, ties
+
+
 def save_fox(model: BagelModel, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model`` (+ its VAE and ``tokenizer``) as the checkpoint folder of the module docstring.
 
@@ -624,16 +641,7 @@ def save_fox(model: BagelModel, tokenizer, out_dir: str | os.PathLike, *, overwr
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
     pairs = shared_expert_pairs(model)
-    tensors, ties, first = {}, {}, {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        if k.startswith("vae."):
-            continue
-        key = tensor_storage_key(t)
-        if key in first:
-            ties[k] = first[key]
-        else:
-            first[key] = k
-            tensors[k] = t.detach().contiguous()
+    tensors, ties = unique_tensors(model)
     meta = {
         "model_type": MODEL_TYPE, "format_version": FORMAT_VERSION,
         "fox_mode": "shared" if pairs else "copy",
