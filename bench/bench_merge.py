@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mem import run_in_child  # noqa: E402
+from _report import write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Streaming merge"
@@ -108,23 +109,6 @@ def header_stats(path: Path) -> dict:
             "bytes": sum(i.nbytes for i in infos.values())}
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md, keeping the others; atomic."""
-    import os
-
-    text = path.read_text() if path.is_file() else "# ftkit benchmarks\n"
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    i = text.find(SECTION + "\n")
-    if i < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        j = text.find("\n## ", i + len(SECTION))
-        text = text[:i] + block + ("\n" + text[j + 1:] if j >= 0 else "")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     import bench_load
 
@@ -202,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print("\n" + table)
     if not a.no_write:
-        write_section(Path(a.benchmarks), table + "\n\n" + NOTES)
+        write_section(Path(a.benchmarks), SECTION, table + "\n\n" + NOTES)
         print(f"\nwrote section '{SECTION}' of {a.benchmarks}")
 
 

@@ -83,6 +83,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mem import proc_status, run_in_child  # noqa: E402
+from _report import write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training step on CPU"
@@ -552,22 +553,6 @@ def render(res: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md; other sections are kept verbatim."""
-    old = path.read_text() if path.is_file() else "# ftkit benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def auto_notes(res: dict) -> list[str]:
     """Observations computed from the numbers (written under the table)."""
     by = {(r["method"], r["dtype"]): r for r in res["configs"]}
@@ -684,7 +669,7 @@ def main(argv=None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     if not (args.no_write or args.smoke or args.only):
-        write_section(REPO / "BENCHMARKS.md", text)
+        write_section(REPO / "BENCHMARKS.md", SECTION, text.removeprefix(SECTION))
         print(f"[bench] wrote section {SECTION!r} of {REPO / 'BENCHMARKS.md'}")
     return res
 
