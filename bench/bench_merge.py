@@ -101,12 +101,12 @@ def child_naive(base: str, adapter: str, out: str) -> dict:
 
 
 def header_stats(path: Path) -> dict:
-    from ftkit.adapters.merge import read_header
+    from ftkit.models.loading import SafetensorsFile
 
-    infos, _ = read_header(path)
-    big = max(infos.items(), key=lambda kv: kv[1].nbytes)
-    return {"largest_name": big[0], "largest_bytes": big[1].nbytes, "n": len(infos),
-            "bytes": sum(i.nbytes for i in infos.values())}
+    st = SafetensorsFile(path)
+    nbytes = {k: nb for k, (_, _, _, nb) in st.entries.items()}
+    big = max(nbytes, key=nbytes.get)
+    return {"largest_name": big, "largest_bytes": nbytes[big], "n": len(nbytes), "bytes": sum(nbytes.values())}
 
 
 def main(argv: list[str] | None = None) -> None:

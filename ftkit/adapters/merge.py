@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from ftkit.adapters.io import FTKIT_META, AdapterError, AdapterFolder, architecture_dict, split_disk_key
+from ftkit.models.loading import ST_DTYPES, ST_TAGS
 
 WEIGHTS = "ema.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -54,12 +55,6 @@ OPTIONAL_FILES = ("ae.safetensors", "ae_config.json", "ftkit_bagel.json", "vocab
 CHUNK_BYTES = 64 << 20  # fp32 working block of a merge / copy
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-ST_TAGS = {v: k for k, v in ST_DTYPES.items()}
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|quant_state")
 FOUR_BIT_EXPLANATION = (
     "ftkit does not merge adapters into 4-bit (or 8-bit) weights: that would dequantize each weight, add the "
@@ -99,97 +94,50 @@ def parse_size(size: int | str | None) -> int | None:
 
 @dataclass
 class TensorInfo:
-    path: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset in the file
-    nbytes: int
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse a safetensors header; check the file holds every byte it describes.
-
-    Raises:
-        FileNotFoundError; MergeError naming the file when the header is corrupt or the file truncated.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise MergeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        n = int.from_bytes(raw, "little")
-        if n > min(size - 8, 100 << 20):
-            raise MergeError(f"{path}: not a safetensors file (header length {n} > file size {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MergeError(f"{path}: corrupt safetensors header ({e})") from e
-    meta = header.pop("__metadata__", None) or {}
-    out, end = {}, 0
-    for k, v in header.items():
-        if v.get("dtype") not in ST_DTYPES:
-            raise MergeError(f"{path}: tensor {k} has dtype {v.get('dtype')!r}, not supported by ftkit merge "
-                             f"({', '.join(ST_DTYPES)})")
-        a, b = v["data_offsets"]
-        dt, shape = ST_DTYPES[v["dtype"]], tuple(v["shape"])
-        if b - a != math.prod(shape) * dt.itemsize:
-            raise MergeError(f"{path}: tensor {k}: {b - a} bytes for shape {list(shape)} {v['dtype']}")
-        out[k] = TensorInfo(path, dt, shape, 8 + n + a, b - a)
-        end = max(end, b)
-    if size < 8 + n + end:
-        raise MergeError(f"{path}: truncated: {size} bytes on disk, header describes {8 + n + end}")
-    return out, meta
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 class Checkpoint:
-    """The weights of a release folder: ``ema.safetensors`` or shards listed in ``model.safetensors.index.json``.
+    """The weights of a release folder: ``ema.safetensors`` or shards listed in ``model.safetensors.index.json``,
+    read through the loader's plain-read safetensors readers (:func:`ftkit.models.loading.open_weights`).
 
-    ``infos`` maps tensor name -> :class:`TensorInfo`; :meth:`read` / :meth:`read_rows` read a whole
-    tensor or a block of rows with positioned reads into fresh tensors (no memory map).
+    ``infos`` maps tensor name -> :class:`TensorInfo`; :meth:`read` / :meth:`read_rows` /
+    :meth:`read_elements` read a whole tensor, a block of rows or a run of elements into fresh tensors
+    (positioned reads, no memory map).
+
+    Raises:
+        FileNotFoundError: neither file is there; MergeError: a corrupt or truncated file / index (named).
     """
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.infos: dict[str, TensorInfo] = {}
-        if (self.folder / INDEX).is_file():
-            try:
-                index = json.loads((self.folder / INDEX).read_text())
-                wmap = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise MergeError(f"{self.folder / INDEX}: not a valid index ({e})") from e
-            for shard in sorted(set(wmap.values())):
-                infos, _ = read_header(self.folder / shard)
-                for k, info in infos.items():
-                    if wmap.get(k) != shard:
-                        raise MergeError(f"{self.folder / INDEX}: {k} is in {shard} but the index says {wmap.get(k)}")
-                    self.infos[k] = info
-            absent = sorted(set(wmap) - set(self.infos))
-            if absent:
-                raise MergeError(f"{self.folder / INDEX}: tensors listed but not in their shard: {absent[:6]}")
-            self.files = [self.folder / s for s in sorted(set(wmap.values()))]
-        elif (self.folder / WEIGHTS).is_file():
-            self.infos, _ = read_header(self.folder / WEIGHTS)
-            self.files = [self.folder / WEIGHTS]
-        else:
-            raise FileNotFoundError(f"{self.folder}: no {WEIGHTS} and no {INDEX} (not a BAGEL release folder)")
-        self._fds: dict[Path, int] = {}
+        from ftkit.models.loading import CheckpointError, open_weights, release_weights
 
-    def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        self.folder = Path(folder)
+        path = release_weights(self.folder)
+        if path is None:
+            raise FileNotFoundError(f"{self.folder}: no {WEIGHTS} and no {INDEX} (not a BAGEL release folder)")
+        try:
+            self._st = open_weights(path)
+        except CheckpointError as e:
+            raise MergeError(str(e)) from e
+        unsupported = sorted(k for k in self._st.keys() if self._st.dtype(k) not in ST_TAGS)
+        if unsupported:
+            raise MergeError(f"{path}: tensor {unsupported[0]} has dtype {self._st.dtype(unsupported[0])}, "
+                             f"not supported by ftkit merge ({', '.join(ST_DTYPES)})")
+        self.infos = {k: TensorInfo(self._st.dtype(k), self._st.shape(k)) for k in self._st.keys()}
+        self.files = self._st.files
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._st.close()
 
     def __enter__(self):
         return self
@@ -199,19 +147,7 @@ class Checkpoint:
 
     def read_elements(self, name: str, start: int, count: int) -> torch.Tensor:
         """Elements [start, start + count) of tensor ``name`` (flattened), as a new 1-D tensor."""
-        info = self.infos[name]
-        t = torch.empty(count, dtype=info.dtype)
-        if count == 0:
-            return t
-        buf = memoryview(t.view(torch.uint8).numpy() if info.dtype != torch.bool else t.numpy().view("u1"))
-        off, done, total = info.offset + start * info.dtype.itemsize, 0, count * info.dtype.itemsize
-        fd = self._fd(info.path)
-        while done < total:
-            k = os.preadv(fd, [buf[done:]], off + done)
-            if k <= 0:
-                raise MergeError(f"{info.path}: unexpected end of file reading {name}")
-            done += k
-        return t
+        return self._st.read_elements(name, start, count)
 
     def read(self, name: str) -> torch.Tensor:
         info = self.infos[name]

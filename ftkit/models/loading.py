@@ -154,6 +154,16 @@ class SafetensorsFile:
         """Absolute byte offset of ``key``'s data in the file."""
         return self.entries[key][2]
 
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def read_elements(self, key: str, start: int, count: int) -> torch.Tensor:
+        """Elements ``start .. start + count`` of ``key`` (flattened, C order) as a new 1-D tensor."""
+        out = torch.empty(count, dtype=self.dtype(key))
+        self._fill(key, out, start)
+        return out
+
     # ------------------------------------------------------------------ reading
     def __enter__(self) -> SafetensorsFile:
         self._open()
@@ -298,6 +308,13 @@ class ShardedSafetensors:
 
     def iter_rows(self, key: str, rows: int, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
         return self.where[key][1].iter_rows(key, rows, dtype, device)
+
+    def read_elements(self, key: str, start: int, count: int) -> torch.Tensor:
+        return self.where[key][1].read_elements(key, start, count)
+
+    @property
+    def files(self) -> list[Path]:
+        return [sh.path for sh in self.shards]
 
     def close(self) -> None:
         for sh in self.shards:
