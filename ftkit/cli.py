@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: ftkit VERB [options]   (ftkit VERB --help for details)", "", "verbs:"]
+    lines = ["usage: ftkit VERB [options]   (ftkit VERB --help for details; ftkit --version)", "", "verbs:"]
     lines += [f"  {v:<9} {h}" for v, (_, _, h) in VERBS.items()]
     return "\n".join(lines)
 
@@ -28,12 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"ftkit {version('ftkit')}")
+        return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"ftkit: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = VERBS[verb]
-    rc = getattr(importlib.import_module(module), func)(rest)
+    from ftkit.errors import FtkitError
+
+    try:
+        rc = getattr(importlib.import_module(module), func)(rest)
+    except FtkitError as e:  # a user's mistake: one line, no traceback
+        print(f"ftkit {verb}: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

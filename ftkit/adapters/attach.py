@@ -22,13 +22,14 @@ import torch
 import torch.nn as nn
 
 from ftkit.adapters.config import AdapterConfig
+from ftkit.errors import FtkitError
 
 ADAPTER_NAME = "default"
 _BASE_PREFIX = "ftkit_base_"
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 
-class AdapterStateError(RuntimeError):
+class AdapterStateError(FtkitError, RuntimeError):
     """An adapter operation that does not fit the model's current adapter state."""
 
 

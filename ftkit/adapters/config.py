@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch.nn as nn
 
+from ftkit.errors import FtkitError
+
 METHODS = ("lora", "dora", "rslora")
 PRESETS = ("generative", "understanding", "all-experts", "custom")
 INITS = {"default": True, "gaussian": "gaussian"}
@@ -50,7 +52,7 @@ _DECODER_PROJ = re.compile(
 )
 
 
-class AdapterConfigError(ValueError):
+class AdapterConfigError(FtkitError, ValueError):
     """An adapter configuration that cannot be applied (to this model)."""
 
 

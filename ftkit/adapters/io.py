@@ -38,6 +38,7 @@ from ftkit.adapters.attach import (
     lora_layers,
 )
 from ftkit.adapters.config import AdapterConfig, AdapterConfigError, model_experts
+from ftkit.errors import FtkitError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +49,7 @@ FORMAT = "ftkit-adapter"
 FORMAT_VERSION = 1
 
 
-class AdapterError(ValueError):
+class AdapterError(FtkitError, ValueError):
     """An adapter folder that is unreadable or does not belong to the given base model."""
 
 

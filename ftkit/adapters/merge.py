@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from ftkit.adapters.io import FTKIT_META, AdapterError, AdapterFolder, architecture_dict, split_disk_key
+from ftkit.errors import FtkitError
 from ftkit.models.loading import ST_DTYPES, ST_TAGS
 
 WEIGHTS = "ema.safetensors"
@@ -65,7 +66,7 @@ FOUR_BIT_EXPLANATION = (
 )
 
 
-class MergeError(Exception):
+class MergeError(FtkitError):
     """A merge that cannot be done (bad input, 4-bit target, verification above tolerance)."""
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 from ftkit.data.importers import Source, guess_format, open_sources
 from ftkit.data.registry import DatasetSpec, Registry
 from ftkit.data.schema import RecordError, StepRecord
+from ftkit.errors import FtkitError
 
 log = logging.getLogger("ftkit.data")
 
 
-class InvalidDatasetError(ValueError):
+class InvalidDatasetError(FtkitError, ValueError):
     """A dataset has bad records and ``skip_invalid`` is off."""
 
     def __init__(self, name: str, errors: list[RecordError], total: int, shown: int = 10):

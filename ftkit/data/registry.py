@@ -28,17 +28,19 @@ from typing import Any
 
 import yaml
 
+from ftkit.errors import FtkitError
+
 FORMATS = ("ftkit", "genref", "got", "bagel-t2i", "bagel-edit")
 ENV_VAR = "FTKIT_DATA_REGISTRY"
 BUILTIN_REGISTRY = Path(__file__).resolve().parents[2] / "data" / "registry.yaml"
 _ENTRY_KEYS = {"format", "path", "paths", "split", "weight", "skip_invalid", "fields", "description"}
 
 
-class RegistryError(ValueError):
+class RegistryError(FtkitError, ValueError):
     """A registry file is unreadable or an entry is malformed (message names the file and field)."""
 
 
-class UnknownDatasetError(KeyError):
+class UnknownDatasetError(FtkitError, KeyError):
     """A dataset name that no registry declares."""
 
     def __str__(self) -> str:  # KeyError repr()s its argument; keep the message readable

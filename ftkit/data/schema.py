@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ftkit.errors import FtkitError
+
 STEP_TYPES = ("plan", "draft", "reflect", "refine")
 TASKS = ("t2i", "edit")
 VERDICTS = ("ok", "revise")
@@ -79,7 +81,7 @@ class Problem:
         return f"{self.file}:{self.index}:{self.field}: {self.reason}"
 
 
-class RecordError(ValueError):
+class RecordError(FtkitError, ValueError):
     """A record is invalid. ``str(err)`` is ``file:index:field: reason`` of the first problem;
     ``err.problems`` lists every problem found in the record."""
 

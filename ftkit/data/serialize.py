@@ -44,6 +44,7 @@ from ftkit.data.schema import (
     Region,
     box_problem,
 )
+from ftkit.errors import FtkitError
 
 _LABEL_BAD = re.compile(r"[\n\r\[\]<>]")
 _TAGS = ("<box>", "</box>", "<region>", "</region>", "<verdict>", "</verdict>")
@@ -53,7 +54,7 @@ _VERDICT_LINE = re.compile(r"^<verdict>\s*(?P<v>.*?)\s*</verdict>$")
 _LABEL_COORDS = re.compile(r"^(?P<label>[^\[\]<>]*?)\s*\[(?P<coords>[^\[\]]*)\]\s*$")
 
 
-class ParseError(ValueError):
+class ParseError(FtkitError, ValueError):
     """Malformed plan / reflection text; the message names the line (1-based) and the reason."""
 
 

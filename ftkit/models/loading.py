@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from ftkit.errors import FtkitError
 from ftkit.models.bagel import BagelModel
 from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig
 
@@ -51,7 +52,7 @@ _NF4_ROWS_BYTES = 8 << 20  # a decoder weight is read and quantized in row block
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FtkitError, ValueError):
     """A checkpoint that does not match the model it should fill."""
 
 

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import yaml
 
+from ftkit.errors import FtkitError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class RecipeError(ValueError):
+class RecipeError(FtkitError, ValueError):
     pass
 
 
