@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,30 +21,20 @@ from ftkit.models.vae import (
     unpatchify_latent,
 )
 
-FIXTURE = Path(
-    os.environ.get(
-        "FTKIT_BAGEL_FIXTURE",
-        Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "bagel-tiny",
-    )
-)
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "ae.safetensors").is_file(), reason=f"bagel-tiny fixture not found at {FIXTURE}"
-)
+
+@pytest.fixture(scope="module")
+def ae(fixture_dir) -> FluxAE:
+    return load_ae(fixture_dir / "ae.safetensors", AEConfig.from_json(fixture_dir / "ae_config.json"), torch.float32)
 
 
 @pytest.fixture(scope="module")
-def ae() -> FluxAE:
-    return load_ae(FIXTURE / "ae.safetensors", AEConfig.from_json(FIXTURE / "ae_config.json"), torch.float32)
+def inputs(fixture_dir) -> dict[str, torch.Tensor]:
+    return load_file(fixture_dir / "inputs.safetensors")
 
 
 @pytest.fixture(scope="module")
-def inputs() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURE / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURE / "expected.safetensors")
+def expected(fixture_dir) -> dict[str, torch.Tensor]:
+    return load_file(fixture_dir / "expected.safetensors")
 
 
 def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,9 +55,8 @@ def test_flux_config_is_the_release_shape():
     assert cfg.block_out_channels == [128, 256, 512, 512]
 
 
-@needs_fixture
-def test_from_json_reads_fixture_config():
-    cfg = AEConfig.from_json(FIXTURE / "ae_config.json")
+def test_from_json_reads_fixture_config(fixture_dir):
+    cfg = AEConfig.from_json(fixture_dir / "ae_config.json")
     assert (cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.downsample) == (
         32,
         [1, 1, 1, 1],
@@ -96,7 +84,6 @@ def test_from_json_rejects_bad_files(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@needs_fixture
 def test_loaded_module_is_materialised_frozen_fp32(ae):
     params = list(ae.parameters())
     assert params and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
@@ -105,7 +92,6 @@ def test_loaded_module_is_materialised_frozen_fp32(ae):
     assert ae.downsample == 8 and ae.z_channels == 16
 
 
-@needs_fixture
 def test_encoder_moments_match_upstream(ae, inputs, expected):
     with torch.no_grad():
         moments = ae.encode_moments(inputs["target_image"][None])
@@ -116,7 +102,6 @@ def test_encoder_moments_match_upstream(ae, inputs, expected):
         assert diff < 1e-5, f"row {row}: max-abs {diff}"
 
 
-@needs_fixture
 def test_sampled_latent_matches_upstream(ae, inputs, expected):
     x = inputs["target_image"][None].expand(2, -1, -1, -1)
     with torch.no_grad():
@@ -133,7 +118,6 @@ def test_sampled_latent_matches_upstream(ae, inputs, expected):
     assert _maxabs(mean_latent, 0.3611 * (mean - 0.1159)) < 1e-5
 
 
-@needs_fixture
 def test_sample_latent_draws_from_generator(ae, inputs):
     x = inputs["target_image"][None]
     with torch.no_grad():
@@ -145,7 +129,6 @@ def test_sample_latent_draws_from_generator(ae, inputs):
         ae.sample_latent(x, eps=torch.zeros(1, 16, 3, 4))
 
 
-@needs_fixture
 def test_decode_matches_upstream(ae, expected):
     with torch.no_grad():
         image = ae.decode(expected["vae_latent"][:1])
@@ -153,7 +136,6 @@ def test_decode_matches_upstream(ae, expected):
     assert diff < 1e-4, f"max-abs {diff}"
 
 
-@needs_fixture
 def test_patchify_matches_packed_latents(expected):
     latent, packed = expected["vae_latent"], expected["packed_latent_clean"]
     for i in range(2):
@@ -187,7 +169,6 @@ def test_patchify_feature_layout_and_errors():
         unpatchify_latent(tokens, h, w + 2, p, c)
 
 
-@needs_fixture
 def test_decode_t2i_final_latent_matches_upstream(ae, expected):
     # 32x48 image -> 4x6 latent -> 2x3 tokens of 2x2 patches
     latent = unpatchify_latent(expected["t2i_full_final_latent"], 4, 6, 2, 16)
@@ -200,9 +181,8 @@ def test_decode_t2i_final_latent_matches_upstream(ae, expected):
     assert (pixels.int() - expected["t2i_full_image_uint8"].int()).abs().max().item() <= 1
 
 
-@needs_fixture
-def test_load_casts_to_requested_dtype(inputs):
-    ae16 = load_ae(FIXTURE / "ae.safetensors", AEConfig.from_json(FIXTURE / "ae_config.json"), torch.bfloat16)
+def test_load_casts_to_requested_dtype(fixture_dir, inputs):
+    ae16 = load_ae(fixture_dir / "ae.safetensors", AEConfig.from_json(fixture_dir / "ae_config.json"), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in ae16.parameters())
     with torch.no_grad():
         out = ae16.decode(torch.zeros(1, 16, 2, 2))
@@ -214,76 +194,71 @@ def test_load_casts_to_requested_dtype(inputs):
 # ------------------------------------------------------------------------------------------------
 
 
-def _tiny_config() -> AEConfig:
-    return AEConfig.from_json(FIXTURE / "ae_config.json")
+def _tiny_config(fixture_dir: Path) -> AEConfig:
+    return AEConfig.from_json(fixture_dir / "ae_config.json")
 
 
-@needs_fixture
-def test_truncated_file_raises_with_name(tmp_path):
+def test_truncated_file_raises_with_name(fixture_dir, tmp_path):
     bad = tmp_path / "cut_ae.safetensors"
-    shutil.copy(FIXTURE / "ae.safetensors", bad)
+    shutil.copy(fixture_dir / "ae.safetensors", bad)
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) - 5000])
     with pytest.raises(ValueError, match=r"cut_ae\.safetensors.*truncated.*'(en|de)coder\.[\w.]+'"):
-        load_ae(bad, _tiny_config())
+        load_ae(bad, _tiny_config(fixture_dir))
     bad.write_bytes(data[:100])  # header itself cut
     with pytest.raises(ValueError, match=r"cut_ae\.safetensors.*truncated"):
-        load_ae(bad, _tiny_config())
+        load_ae(bad, _tiny_config(fixture_dir))
 
 
-def _rewrite(tmp_path: Path, name: str, edit) -> Path:
-    state = load_file(FIXTURE / "ae.safetensors")
+def _rewrite(fixture_dir: Path, tmp_path: Path, name: str, edit) -> Path:
+    state = load_file(fixture_dir / "ae.safetensors")
     edit(state)
     out = tmp_path / name
     save_file(state, out)
     return out
 
 
-@needs_fixture
-def test_missing_key_raises(tmp_path):
-    bad = _rewrite(tmp_path, "missing_ae.safetensors", lambda s: s.pop("decoder.up.2.block.1.conv2.weight"))
+def test_missing_key_raises(fixture_dir, tmp_path):
+    bad = _rewrite(fixture_dir, tmp_path, "missing_ae.safetensors", lambda s: s.pop("decoder.up.2.block.1.conv2.weight"))
     with pytest.raises(
         ValueError,
         match=r"missing_ae\.safetensors.*missing key\(s\): decoder\.up\.2\.block\.1\.conv2\.weight",
     ):
-        load_ae(bad, _tiny_config())
+        load_ae(bad, _tiny_config(fixture_dir))
 
 
-@needs_fixture
-def test_extra_key_raises(tmp_path):
+def test_extra_key_raises(fixture_dir, tmp_path):
     def add(state):
         state["encoder.quant_conv.weight"] = torch.zeros(32, 32, 1, 1)
         state["encoder.down.9.block.0.conv1.weight"] = torch.zeros(32, 32, 3, 3)  # level that does not exist
 
-    bad = _rewrite(tmp_path, "extra_ae.safetensors", add)
+    bad = _rewrite(fixture_dir, tmp_path, "extra_ae.safetensors", add)
     with pytest.raises(ValueError, match=r"extra_ae\.safetensors.*unexpected key\(s\)") as info:
-        load_ae(bad, _tiny_config())
+        load_ae(bad, _tiny_config(fixture_dir))
     assert "encoder.quant_conv.weight" in str(info.value)
     assert "encoder.down.9.block.0.conv1.weight" in str(info.value)
     assert "missing" not in str(info.value)
 
 
-@needs_fixture
-def test_misshaped_key_raises(tmp_path):
+def test_misshaped_key_raises(fixture_dir, tmp_path):
     def reshape(state):
         state["encoder.mid.attn_1.q.weight"] = state["encoder.mid.attn_1.q.weight"].reshape(32, 32)
         state["decoder.conv_in.weight"] = torch.zeros(32, 8, 3, 3)
 
-    bad = _rewrite(tmp_path, "shape_ae.safetensors", reshape)
+    bad = _rewrite(fixture_dir, tmp_path, "shape_ae.safetensors", reshape)
     with pytest.raises(ValueError, match=r"shape_ae\.safetensors.*mis-shaped") as info:
-        load_ae(bad, _tiny_config())
+        load_ae(bad, _tiny_config(fixture_dir))
     msg = str(info.value)
     assert "encoder.mid.attn_1.q.weight has shape [32, 32], expected [32, 32, 1, 1]" in msg
     assert "decoder.conv_in.weight has shape [32, 8, 3, 3], expected [32, 16, 3, 3]" in msg
 
 
-@needs_fixture
-def test_wrong_config_for_file_raises(tmp_path):
+def test_wrong_config_for_file_raises(fixture_dir, tmp_path):
     # the release config against the tiny file: key sets differ (the release has 3 decoder res blocks per level, the tiny file 2)
     with pytest.raises(ValueError, match=r"ae\.safetensors.*missing key\(s\): .*block\.2"):
-        load_ae(FIXTURE / "ae.safetensors", AEConfig.flux())
+        load_ae(fixture_dir / "ae.safetensors", AEConfig.flux())
     with pytest.raises(ValueError, match=r"nope\.safetensors.*not found"):
-        load_ae(tmp_path / "nope.safetensors", _tiny_config())
+        load_ae(tmp_path / "nope.safetensors", _tiny_config(fixture_dir))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,14 +323,13 @@ def _flux_checkpoint_shapes(cfg: AEConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-@needs_fixture
-def test_synthetic_flux_layout_reproduces_the_fixture_file():
+def test_synthetic_flux_layout_reproduces_the_fixture_file(fixture_dir):
     """The FLUX layout writer used below agrees key-for-key and shape-for-shape with upstream's tiny file."""
     from safetensors import safe_open
 
-    with safe_open(str(FIXTURE / "ae.safetensors"), framework="pt") as fh:
+    with safe_open(str(fixture_dir / "ae.safetensors"), framework="pt") as fh:
         real = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    assert _flux_checkpoint_shapes(_tiny_config()) == real
+    assert _flux_checkpoint_shapes(_tiny_config(fixture_dir)) == real
 
 
 def test_flux_release_layout_converts_onto_meta_model():
