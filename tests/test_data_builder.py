@@ -195,6 +195,18 @@ def test_cfg_dropout(images, tokenize):
     # a dropped context image still advances the RoPE position
     kept, dropped = pack([segs], PACK), pack([all_dropped], PACK)
     assert dropped.sequence_length < kept.sequence_length
+    # drop only the context images (the input's VAE and ViT copies, which lead the sample): every token
+    # that follows keeps exactly the RoPE position, step and kind it has in the undropped pack
+    img_dropped = apply_cfg_dropout(segs, 0.0, 1.0, 1.0)
+    assert [s.dropped for s in img_dropped] == [s.kind != Kind.TEXT and s.step == Step.CONTEXT for s in segs]
+    assert [s.kind for s in segs[:2]] == [Kind.VAE_CLEAN, Kind.VIT_IMAGE]
+    part = pack([img_dropped], PACK)
+    n_gone = kept.sequence_length - part.sequence_length
+    assert n_gone == (4 * 4 + 2) + (4 * 4 + 2)  # 64 px / 16 and 56 px / 14, each with its two markers
+    assert part.position_ids[0].item() == 2, "a dropped context image must still advance the RoPE position"
+    assert torch.equal(part.position_ids, kept.position_ids[n_gone:])
+    assert torch.equal(part.token_step, kept.token_step[n_gone:]) and torch.equal(part.token_kind, kept.token_kind[n_gone:])
+    assert torch.equal(part.ce_labels, kept.ce_labels) and torch.equal(part.ce_indexes, kept.ce_indexes - n_gone)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     runs1 = [[s.dropped for s in apply_cfg_dropout(segs, generator=g1)] for _ in range(50)]
     runs2 = [[s.dropped for s in apply_cfg_dropout(segs, generator=g2)] for _ in range(50)]
