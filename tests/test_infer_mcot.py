@@ -17,6 +17,7 @@ from ftkit.infer.mcot import (
     run_mcot,
     text_to_image,
 )
+from ftkit.infer.sampler import latent_grid
 from ftkit.models.loading import load_bagel, load_tokenizer
 
 FAST = SamplerSettings(num_timesteps=3)
@@ -49,8 +50,9 @@ class ScriptedTokenizer:
 
 def test_runs_to_the_round_limit(mt, tmp_path):
     model, tok = mt
-    tr = run_mcot(model, tok, "a red cube left of a blue ball", rounds=2, image_hw=(32, 48), sampler=FAST,
-                  text=SHORT, generator=gen(0))
+    # posterior "mean": context images draw nothing, so the generator feeds only each round's initial noise
+    kw = dict(image_hw=(32, 48), sampler=FAST, text=SHORT, posterior="mean")
+    tr = run_mcot(model, tok, "a red cube left of a blue ball", rounds=2, generator=gen(0), **kw)
     assert len(tr.rounds) == 2  # random weights never say "ok"
     assert tr.plan is not None and tr.plan_text is not None
     for r in tr.rounds:
@@ -61,9 +63,15 @@ def test_runs_to_the_round_limit(mt, tmp_path):
     assert tr.final_image is tr.rounds[-1].image
     assert not tr.stopped_ok
     assert tr.settings["image_hw"] == [32, 48] and tr.settings["vit_hw"] == [28, 42]
-    # the refinement is conditioned on more context, so it differs from the draft
-    a, b = (np.asarray(r.image, dtype=np.int64) for r in tr.rounds)
-    assert np.abs(a - b).max() > 0
+    # the refinement is conditioned on more context (draft + reflection), so it differs from an image drawn
+    # from the same initial noise on the draft's context: skip the draft's noise, then generate a draft
+    g = gen(0)
+    gh, gw = latent_grid(model, (32, 48))
+    torch.randn(gh * gw, model.cfg.patch_latent_dim, generator=g)
+    same_noise = run_mcot(model, tok, "a red cube left of a blue ball", rounds=1, generator=g, **kw)
+    assert same_noise.plan_text == tr.plan_text
+    a, b = (np.asarray(im, dtype=np.int64) for im in (tr.rounds[1].image, same_noise.rounds[0].image))
+    assert np.abs(a - b).max() > 0, "the refinement ignored its context: same image as a draft from the same noise"
 
     # JSON round trip, with embedded images and with files
     back = Trace.from_json(tr.to_json(embed_images=True))
@@ -120,9 +128,20 @@ def test_edit_input_and_text_to_image(mt):
     assert src.size == (32, 32)
     again = text_to_image(model, tok, "a cube", image_hw=(32, 32), sampler=FAST, generator=gen(4))
     assert np.array_equal(np.asarray(src), np.asarray(again))
-    tr = run_mcot(model, tok, "make it blue", rounds=1, image_hw=(32, 32), input_image=src, sampler=FAST,
-                  text=SHORT, generator=gen(0))
+    kw = dict(rounds=1, image_hw=(32, 32), sampler=FAST, text=SHORT, plan=False)
+    tr = run_mcot(model, tok, "make it blue", input_image=src, generator=gen(0), **kw)
     assert tr.settings["edit"] and tr.final_image.size == (32, 32)
+    # the input image is read: same seed (same draws) with another input image gives another output ...
+    other_src = text_to_image(model, tok, "a ball", image_hw=(32, 32), sampler=FAST, generator=gen(5))
+    assert not np.array_equal(np.asarray(src), np.asarray(other_src))
+    other = run_mcot(model, tok, "make it blue", input_image=other_src, generator=gen(0), **kw)
+    assert not np.array_equal(np.asarray(tr.final_image), np.asarray(other.final_image)), "input image ignored"
+    # ... and without an input image (posterior "mean": the input draws nothing, the noise is the same)
+    mean_kw = dict(kw, posterior="mean")
+    edit = run_mcot(model, tok, "make it blue", input_image=src, generator=gen(0), **mean_kw)
+    plain = run_mcot(model, tok, "make it blue", generator=gen(0), **mean_kw)
+    assert not plain.settings["edit"]
+    assert not np.array_equal(np.asarray(edit.final_image), np.asarray(plain.final_image)), "input image ignored"
 
 
 def test_bad_arguments(mt):
