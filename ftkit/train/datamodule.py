@@ -81,8 +81,9 @@ class PackedStream(IterableDataset):
         per_epoch = len(dm.epoch_plan(0))
         gidx = self.start
         while True:
-            # global batch index -> (epoch, bin); ranks and workers interleave
-            if (gidx % self.world) == self.rank and ((gidx // self.world) % nw) == wid:
+            # global batch index -> (epoch, bin); ranks interleave, and workers take turns from `start`
+            # (the loader reads worker 0 first, so a resumed stream keeps its order)
+            if (gidx % self.world) == self.rank and (((gidx - self.start) // self.world) % nw) == wid:
                 epoch, b = divmod(gidx, per_epoch)
                 plan = dm.epoch_plan(epoch)
                 yield self._batch(gidx, plan[b % len(plan)])
