@@ -71,16 +71,15 @@ def check_sources(sources: Sequence[Source], *, images: bool = True, min_size: i
                   ) -> Iterator[tuple[int, int, StepRecord | RecordError]]:
     """Every row of every source, checked: ``(source number, row position, record or RecordError)``.
     The RecordError carries every problem of the record in ``.problems``. Never stops early."""
-    seen: dict[str, str] = {}  # record id -> where it first occurred
+    seen: dict[str, tuple[int, int, str]] = {}  # record id -> (source, row, location) of its first occurrence
     for s, src in enumerate(sources):
         for j, (_, rec) in enumerate(src.checked()):
             if isinstance(rec, RecordError):
                 yield s, j, rec
                 continue
             problems = check_record_images(rec, min_size) if images else []
-            here = f"{rec.source}:{rec.index}"
-            first = seen.setdefault(rec.id, here)
-            if first != here:
-                problems.append(Problem(rec.source, rec.index, "id", f"duplicate id {rec.id!r} (first at {first})",
+            first = seen.setdefault(rec.id, (s, j, f"{rec.source}:{rec.index}"))
+            if first[:2] != (s, j):
+                problems.append(Problem(rec.source, rec.index, "id", f"duplicate id {rec.id!r} (first at {first[2]})",
                                         ERR_DUPLICATE))
             yield s, j, (RecordError.from_problems(problems) if problems else rec)

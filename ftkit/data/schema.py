@@ -40,6 +40,7 @@ import binascii
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -178,7 +179,9 @@ class ImageRef:
 
         src = io.BytesIO(self.data) if self.data is not None else self.path
         try:
-            im = Image.open(src)
+            with warnings.catch_warnings():  # the size is checked below, with a message that names the image
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(src)
         except UnidentifiedImageError:
             raise OSError(f"cannot identify image file {self.name}") from None
         except Image.DecompressionBombError as e:

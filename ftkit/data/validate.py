@@ -47,7 +47,7 @@ class Report:
         if self.error_kinds:
             lines.append("  problems: " + ", ".join(f"{k} {v}" for k, v in self.error_kinds.most_common()))
         if self.outside_paths:
-            lines.append(f"  {self.outside_paths} paths leave the dataset folder (refused; `allow_outside_paths: "
+            lines.append(f"  {self.outside_paths} path(s) leave the dataset folder (refused; `allow_outside_paths: "
                          "true` in the registry entry allows them)")
         return "\n".join(lines)
 
