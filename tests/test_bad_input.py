@@ -328,16 +328,26 @@ def test_load_agrees_with_validate(corpus, tmp_path):
         assert isinstance(ei.value, FtkitError) and f"{report.bad} of {report.total} records are invalid" in str(ei.value)
 
 
-def test_changed_jsonl_with_the_same_mtime_is_read_again(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_changed_file_with_the_same_mtime_is_read_again(tmp_path, suffix):
     (tmp_path / "ok.png").write_bytes(png())
-    f = tmp_path / "r.jsonl"
-    f.write_text(json.dumps(rec("first")) + "\n")
+    f = tmp_path / f"r{suffix}"
+
+    def write(ids):
+        if suffix == ".jsonl":
+            f.write_text("".join(json.dumps(rec(i)) + "\n" for i in ids))
+        else:
+            rs = [rec(i) for i in ids]
+            pq.write_table(pa.table({"id": ids, "task": ["t2i"] * len(ids), "prompt": [r["prompt"] for r in rs],
+                                     "steps": [json.dumps(r["steps"]) for r in rs]}), f)
+
+    write(["first"])
     st = f.stat()
     assert [r.id for r in load_records(f)] == ["first"]
-    f.write_text(json.dumps(rec("second")) + "\n" + json.dumps(rec("third")) + "\n")
+    write(["secnd", "third"])
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_mtime_ns == st.st_mtime_ns
-    assert [r.id for r in load_records(f)] == ["second", "third"]
+    assert [r.id for r in load_records(f)] == ["secnd", "third"]
 
 
 # --------------------------------------------------------------------------- the training data module

@@ -114,12 +114,21 @@ def guess_format(path: str | Path) -> str:
 
 
 def _hf(builder: str, file: Path, streaming: bool):
+    """``datasets.load_dataset`` of one file. Its cache is keyed by the file's mtime only, so a file
+    rewritten with the same mtime would be served stale: the split is named after a fingerprint of
+    (size, mtime, ctime, inode) -- ctime changes on every write and cannot be set back -- which
+    is part of the cache key."""
+    import hashlib
+
     import datasets
 
-    ds = datasets.load_dataset(builder, data_files=[str(file)], split="train", streaming=streaming)
+    st = file.stat()
+    fp = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode()).hexdigest()[:16]
+    split = f"f{fp}"
+    ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, streaming=streaming)
     if not streaming:
         return ds.with_format("arrow")
-    return ds.decode(False) if ds.features else ds  # unknown features (text, json): nothing to decode
+    return ds.decode(False) if ds.features else ds  # unknown features: nothing to decode
 
 
 class Source:
