@@ -113,6 +113,9 @@ def _jsonl(c: Corpus, outside: Path) -> Path:
     add(b"{not json", ("<json>", "json", "not valid JSON"))
     add(b"[1, 2, 3]", ("<record>", "type", "record must be an object"))
     add(rec("j-types", prompt=42), ("prompt", "type", "must be a string"))
+    add(json.dumps(rec("j-surrogate", prompt="x")).encode().replace(b'"x"', b'"\\ud800"'),
+        ("prompt", "encoding", "lone surrogate"))
+    add(b'{"id": "j-bigint", "n": ' + b"9" * 5000 + b"}", ("<json>", "json", "not readable JSON"))
     lines.append(b"")                                                     # blank lines are not records
     lines.append(b"   ")
     add(json.dumps(rec("j-good-2")).encode() + b"\r")                     # CRLF line ending
@@ -189,6 +192,7 @@ def _genref_folder(c: Corpus, outside: Path) -> Path:
         "s2": ({"reflection.txt": b"\xff\xfe broken"}, ("reflection.txt", "encoding", "not valid UTF-8")),
         "s3": ({"good_image.png": b"garbage"}, ("steps[2].image", "image_decode", "good_image.png")),
         "s4": ({}, None),
+        "s5": ({"prompt.txt": "FIFO"}, ("prompt.txt", "value", "not a regular file")),  # reading it would block
     }
     for key, (over, _) in samples.items():
         s = d / key
@@ -196,6 +200,8 @@ def _genref_folder(c: Corpus, outside: Path) -> Path:
         for name, data in {**GENREF_OK, "bad_image.png": png("blue"), "good_image.png": png("red"), **over}.items():
             if data == "LINK":
                 os.symlink(outside.with_suffix(".txt"), s / name)
+            elif data == "FIFO":
+                os.mkfifo(s / name)
             else:
                 (s / name).write_bytes(data)
     c.bad[str(d)] = {k: e for k, (_, e) in samples.items() if e is not None}
@@ -292,6 +298,32 @@ def test_every_bad_record_is_named_and_no_good_one_rejected(corpus, capsys):
     with capsys.disabled():
         print(f"\nbad-input corpus: {total_bad} bad records, {s['named']} named, {s['missed']} missed, 0 crashes, "
               f"{s['rejected']} of {sum(len(v) for v in corpus.good.values())} good records rejected")
+
+
+def test_truncated_tar_keeps_the_samples_before_the_cut(tmp_path):
+    f = tmp_path / "shard.tar"
+    with tarfile.open(f, "w") as tf:
+        for key in ("k0", "k1", "k2"):
+            for name, data in {**GENREF_OK, "bad_image.png": png("blue", 64), "good_image.png": png("red", 64)}.items():
+                ti = tarfile.TarInfo(f"{key}.{name}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    data = f.read_bytes()
+    cut = data.index(b"k2.good_image.png") + 512 + 100  # inside the last member's data
+    f.write_bytes(data[:cut])
+    report = validate(f)
+    assert report.good == 2 and report.bad == 1 and report.total == 3
+    (p,) = report.problems
+    assert str(p).startswith(f"{f}:k2:good_image.png: tar member k2.good_image.png is truncated")
+
+
+def test_unreadable_container_is_one_error_naming_the_file(tmp_path):
+    for name, fmt in (("r.parquet", "ftkit"), ("t.parquet", "bagel-t2i"), ("g.tar", "genref")):
+        f = tmp_path / name
+        f.write_bytes(b"PAR1 this is not really a parquet file or a tar archive" * 20)
+        with pytest.raises(FtkitError, match=str(f)) as ei:
+            validate(f, format=fmt)
+        assert "\n" not in str(ei.value)
 
 
 def test_validate_cli_names_records_without_a_traceback(corpus, capsys):

@@ -68,10 +68,15 @@ from ftkit.data.schema import (
     StepRecord,
     outside_reason,
 )
+from ftkit.errors import FtkitError
 
 log = logging.getLogger("ftkit.data")
 
 FORMATS = ("ftkit", "genref", "got", "bagel-t2i", "bagel-edit")
+
+
+class UnreadableFileError(FtkitError, ValueError):
+    """A data file as a whole cannot be read (not Parquet, not a tar, ...): names the file."""
 
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "ftkit": {k: k for k in ("id", "task", "prompt", "input_image", "meta", "steps", "supervise")},
@@ -125,7 +130,11 @@ def _hf(builder: str, file: Path, streaming: bool):
     st = file.stat()
     fp = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode()).hexdigest()[:16]
     split = f"f{fp}"
-    ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, streaming=streaming)
+    try:
+        ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, streaming=streaming)
+    except Exception as e:  # datasets wraps reader errors in DatasetGenerationError: name the file, once
+        cause = e.__cause__ or e
+        raise UnreadableFileError(f"{file}: cannot be read as {builder} ({type(cause).__name__}: {cause})") from None
     if not streaming:
         return ds.with_format("arrow")
     return ds.decode(False) if ds.features else ds  # unknown features: nothing to decode
@@ -213,6 +222,8 @@ class Source:
             raise self._err(index, "<json>", f"not valid JSON ({e.msg} at column {e.colno})", ERR_JSON) from None
         except RecursionError:
             raise self._err(index, "<json>", "JSON nested too deeply to parse", ERR_JSON) from None
+        except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+            raise self._err(index, "<json>", f"not readable JSON ({e})", ERR_JSON) from None
 
     def _text(self, raw: dict, key: str, index, required: bool = True) -> str | None:
         v = self._col(raw, key, index, required)
@@ -341,8 +352,8 @@ def _find_image_key(raw: dict, stem: str) -> str | None:
 def _genref_record(src: Source, raw: dict, index, base_dir: Path | None) -> StepRecord:
     refused = raw.get("__refused__") or {}
     if refused:  # members / files that may not be read (links, paths outside the dataset folder)
-        raise RecordError.from_problems([Problem(str(src.file), index, name, why, ERR_OUTSIDE)
-                                         for name, why in refused.items()])
+        raise RecordError.from_problems([Problem(str(src.file), index, name, why, kind)
+                                         for name, (why, kind) in refused.items()])
     prompt = src._text(raw, "prompt", index)
     critique = src._text(raw, "reflection", index)
     subset = src._text(raw, "subset", index, required=False)
@@ -392,10 +403,17 @@ class GenRefTarSource(Source):
         with open(self.file, "rb") as fh:
             for suffix, (name, offset, size, link) in members.items():
                 if link is not None:
-                    raw.setdefault("__refused__", {})[suffix] = f"tar member {name} is a link to {link!r} (not read)"
+                    why = (f"tar member {name} is a link to {link!r} (not read)", ERR_OUTSIDE)
+                    if link.startswith("<"):
+                        why = (f"tar member {name}: {link[1:-1]}", ERR_VALUE)
+                    raw.setdefault("__refused__", {})[suffix] = why
                     continue
                 fh.seek(offset)
                 data = fh.read(size)
+                if len(data) < size:
+                    raw.setdefault("__refused__", {})[suffix] = (f"tar member {name} is truncated ({len(data)} of "
+                                                                 f"{size} bytes)", ERR_VALUE)
+                    continue
                 raw[suffix] = data if suffix.endswith(".txt") else {"bytes": data, "path": f"{self.file.name}:{name}"}
         return key, raw
 
@@ -411,16 +429,25 @@ def _tar_samples(path: Path) -> list[tuple[str, dict[str, tuple[str, int, int, s
     """Group a webdataset tar's members by key (the path up to the first dot of the basename):
     ``[(key, {suffix: (member name, data offset, size, link target or None)})]`` in archive order."""
     groups: dict[str, dict[str, tuple[str, int, int, str | None]]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if m.isdir():
-                continue
-            d, _, base = m.name.rpartition("/")
-            key, dot, suffix = base.partition(".")
-            if not dot:
-                continue
-            link = m.linkname if (m.issym() or m.islnk()) else ("<not a regular file>" if not m.isfile() else None)
-            groups.setdefault(f"{d}/{key}" if d else key, {})[suffix] = (m.name, m.offset_data, m.size, link)
+    try:
+        tf = tarfile.open(path, "r:")  # uncompressed: members are read at their data offsets
+    except (tarfile.TarError, OSError) as e:
+        raise UnreadableFileError(f"{path}: cannot be read as an uncompressed tar archive ({e})") from None
+    with tf:
+        try:
+            for m in tf:
+                if m.isdir():
+                    continue
+                d, _, base = m.name.rpartition("/")
+                key, dot, suffix = base.partition(".")
+                if not dot:
+                    continue
+                link = m.linkname if (m.issym() or m.islnk()) else ("<not a regular file>" if not m.isfile() else None)
+                groups.setdefault(f"{d}/{key}" if d else key, {})[suffix] = (m.name, m.offset_data, m.size, link)
+        except tarfile.TarError as e:  # truncated or corrupt after some members: keep those, name the rest
+            last = [v for g in groups.values() for v in g.values()][-1:]
+            if not (last and last[0][1] + last[0][2] > path.stat().st_size):  # else: that member is reported
+                groups["<rest of archive>"] = {"<tar>": ("<rest of archive>", 0, 0, f"<cannot be read: {e}>")}
     return list(groups.items())
 
 
@@ -447,7 +474,9 @@ class GenRefFolderSource(Source):
                 continue
             why = outside_reason(f, self.root)
             if why:
-                raw.setdefault("__refused__", {})[f.name] = why
+                raw.setdefault("__refused__", {})[f.name] = (why, ERR_OUTSIDE)
+            elif not f.is_file():  # never open a FIFO or device named like a sample file
+                raw.setdefault("__refused__", {})[f.name] = ("not a regular file (not read)", ERR_VALUE)
             elif ext in _IMAGE_EXTS:
                 raw[f.name] = f.name  # a path, relative to the sample folder (read lazily)
             else:

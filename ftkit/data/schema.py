@@ -313,6 +313,12 @@ class _Checker:
         if nonempty and not v.strip():
             self.add(fld, "must be a non-empty string")
             return None
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape such as "\ud800"
+            self.add(fld, f"not valid Unicode text (lone surrogate {v[e.start]!r} at character {e.start})",
+                     ERR_ENCODING)
+            return None
         return v
 
     def choice(self, d: dict, key: str, fld: str, choices: tuple[str, ...], default: str | None = None) -> str | None:
