@@ -134,7 +134,8 @@ def _hf(builder: str, file: Path, streaming: bool):
         ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, streaming=streaming)
     except Exception as e:  # datasets wraps reader errors in DatasetGenerationError: name the file, once
         cause = e.__cause__ or e
-        raise UnreadableFileError(f"{file}: cannot be read as {builder} ({type(cause).__name__}: {cause})") from None
+        why = " ".join(str(cause).split())
+        raise UnreadableFileError(f"{file}: cannot be read as {builder} ({type(cause).__name__}: {why})") from None
     if not streaming:
         return ds.with_format("arrow")
     return ds.decode(False) if ds.features else ds  # unknown features: nothing to decode
@@ -432,7 +433,8 @@ def _tar_samples(path: Path) -> list[tuple[str, dict[str, tuple[str, int, int, s
     try:
         tf = tarfile.open(path, "r:")  # uncompressed: members are read at their data offsets
     except (tarfile.TarError, OSError) as e:
-        raise UnreadableFileError(f"{path}: cannot be read as an uncompressed tar archive ({e})") from None
+        raise UnreadableFileError(f"{path}: cannot be read as an uncompressed tar archive ({' '.join(str(e).split())})"
+                                  ) from None
     with tf:
         try:
             for m in tf:
