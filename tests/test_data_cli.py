@@ -45,8 +45,8 @@ def test_validate_good_and_bad(corpus, capsys):
     out = capsys.readouterr().out.splitlines()
     f = corpus / "bad.jsonl"
     assert "3 records, 1 good, 2 bad" in out[0]
-    assert f"{f}:1:steps[1].image: image file not found: {corpus / 'gone.png'}" in out
-    assert f"{f}:2:task: 'x' is not one of t2i, edit" in out
+    assert f"{f}:line 2:steps[1].image: image file not found: {corpus / 'gone.png'}" in out
+    assert f"{f}:line 3:task: 'x' is not one of t2i, edit" in out
 
 
 def test_validate_by_registry_name_and_format(corpus, capsys, tmp_path):

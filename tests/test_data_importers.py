@@ -49,7 +49,7 @@ def test_ftkit_jsonl_paths_and_embedded_bytes(tmp_path):
     assert len(ds) == 2
     assert ds[0].steps[1].image.open().getpixel((0, 0)) == (255, 0, 0)
     assert ds[1].steps[1].image.open().getpixel((0, 0)) == (0, 0, 255)
-    assert ds[1].id == "r1" and ds.locate(1) == (str(f), 1)
+    assert ds[1].id == "r1" and ds.locate(1) == (str(f), "line 2")
 
 
 def test_ftkit_jsonl_streaming_matches_map_style(tmp_path):
@@ -270,14 +270,14 @@ def test_bad_records_refuse_the_dataset_unless_skip_invalid(tmp_path, caplog):
     with pytest.raises(InvalidDatasetError) as ei:
         load_records(f)
     msg = str(ei.value)
-    assert "2 of 6 records are invalid" in msg and f"{f}:2:prompt" in msg and f"{f}:4:steps[0].boxes[0].box" in msg
+    assert "2 of 6 records are invalid" in msg and f"{f}:line 3:prompt" in msg and f"{f}:line 5:steps[0].boxes[0].box" in msg
     with caplog.at_level(logging.WARNING, logger="ftkit.data"):
         ds = load_records(f, skip_invalid=True, invalid_list_dir=tmp_path / "logs")
     assert [r.id for r in ds] == ["r0", "r1", "r3", "r5"]
     assert "skipped 2 of 6" in caplog.text and str(ds.invalid_list) in caplog.text
     listed = ds.invalid_list.read_text().splitlines()
-    assert listed == [f"{f}:2:prompt: missing required field",
-                      f"{f}:4:steps[0].boxes[0].box: box [0, 0, 2000, 10] is outside 0..1000"]
+    assert listed == [f"{f}:line 3:prompt: missing required field",
+                      f"{f}:line 5:steps[0].boxes[0].box: box [0, 0, 2000, 10] is outside 0..1000"]
     # the registry entry's skip_invalid is the default
     (tmp_path / "r.yaml").write_text("datasets:\n  lax: {path: recs.jsonl, skip_invalid: true}\n")
     assert len(load_records("lax", registry=str(tmp_path / "r.yaml"), invalid_list_dir=tmp_path / "logs")) == 4

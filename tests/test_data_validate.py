@@ -66,7 +66,7 @@ def build_corpus(tmp_path):
 def test_every_broken_record_is_named(tmp_path):
     f = build_corpus(tmp_path)
     report = validate(f)
-    got = {(p.index, p.field): (p.kind, p.reason) for p in report.problems}
+    got = {(int(p.index.split()[1]) - 1, p.field): (p.kind, p.reason) for p in report.problems}
     F = str(f)
 
     def has(index, field, kind, text):
@@ -85,12 +85,12 @@ def test_every_broken_record_is_named(tmp_path):
     has(9, "steps[1].image", "image_size", "8x8, smaller than min_size 16")
     has(10, "<json>", "json", "not valid JSON")
     has(11, "steps[2].mask", "mask_size", "mask is 16x16 but the image it annotates (steps[1].image) is 32x32")
-    assert {i for _, i in report.bad_records} == {1, 2, 3, 4, 5, 6, 7, 9, 10, 11}
+    assert {i for _, i in report.bad_records} == {f"line {n + 1}" for n in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11)}
     # nothing lost from the good records
     assert report.total == 13 and report.good == 3
     assert report.step_counts == {"plan": 3, "draft": 2, "reflect": 2, "refine": 2}
     # messages are file:record:field: reason
-    assert f"{F}:3:steps[0].boxes[0].box: box [0, 0, 1001, 50] is outside 0..1000" in [str(p) for p in report.problems]
+    assert f"{F}:line 4:steps[0].boxes[0].box: box [0, 0, 1001, 50] is outside 0..1000" in [str(p) for p in report.problems]
     assert "13 records, 3 good, 10 bad" in report.summary()
     assert "image_decode 2" in report.summary()
 
@@ -116,9 +116,9 @@ def test_truncated_image_passes_header_but_fails_full_decode(tmp_path):
 def test_schema_only_mode_and_min_size(tmp_path):
     f = build_corpus(tmp_path)
     schema_only = validate(f, images=False)
-    assert {i for _, i in schema_only.bad_records} == {2, 3, 6, 7, 10}
+    assert {i for _, i in schema_only.bad_records} == {f"line {n + 1}" for n in (2, 3, 6, 7, 10)}
     loose = validate(f, min_size=4)
-    assert 9 not in {i for _, i in loose.bad_records}
+    assert "line 10" not in {i for _, i in loose.bad_records}
 
 
 def test_good_corpus_is_ok_and_loads(tmp_path):

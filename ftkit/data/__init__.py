@@ -21,8 +21,10 @@ _LAZY = {
     "Registry": "registry", "DatasetSpec": "registry", "RegistryError": "registry",
     "UnknownDatasetError": "registry",
     "load_records": "dataset", "load_mixture": "dataset", "MixtureDataset": "dataset",
-    "RecordDataset": "dataset", "InvalidDatasetError": "dataset",
-    "open_sources": "importers",
+    "RecordDataset": "dataset", "InvalidDatasetError": "dataset", "open_dataset": "dataset",
+    "settle_invalid": "dataset",
+    "open_sources": "importers", "UnreadableFileError": "importers",
+    "check_sources": "checks", "check_record_images": "checks",
     "Report": "validate",  # the function is ftkit.data.validate.validate (same name as its module)
     # sequences
     "BuilderConfig": "builder", "build_segments": "builder", "apply_cfg_dropout": "builder",

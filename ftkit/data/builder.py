@@ -140,13 +140,14 @@ def build_segments(record: StepRecord, tokenize: Callable[[str], list[int]], cfg
         cfg: sizes and the start-of-image id.
 
     Raises:
-        RecordError: an image does not decode (names file, record and field).
-        ValueError: the record has no supervised step.
+        RecordError: an image does not decode (names file, record and field), or the record has no
+            supervised step.
     """
     sup = record.supervised
     last = max((i for i, s in enumerate(record.steps) if s.type in sup), default=-1)
     if last < 0:
-        raise ValueError(f"{record.source}:{record.index}: record has no supervised step (supervise={sorted(sup)})")
+        raise RecordError(record.source, record.index, "supervise",
+                          f"record has no supervised step (supervise={sorted(sup)})")
     steps = record.steps[: last + 1]
     images = _Images(record)
     V, T = cfg.vae_image_size, cfg.vit_image_size

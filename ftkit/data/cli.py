@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ftkit.data.registry import FORMATS, RegistryError, UnknownDatasetError
+from ftkit.errors import FtkitError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "preview":
             return _preview(args)
         return _list(args)
-    except (UnknownDatasetError, RegistryError, FileNotFoundError) as e:
+    except (FtkitError, UnknownDatasetError, RegistryError, FileNotFoundError) as e:
         print(f"ftkit data {args.verb}: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # e.g. InvalidDatasetError, unreadable file type

@@ -1,18 +1,27 @@
 """Readers that turn public data layouts into :class:`~ftkit.data.schema.StepRecord`.
 
-Every reader loads through Hugging Face ``datasets`` (``load_dataset("text" | "json" | "parquet" |
-"webdataset", data_files=..., streaming=...)``) and keeps images encoded: rows are read as Arrow
-(map-style) or with ``decode(False)`` (streaming), and every image becomes a lazy
-:class:`~ftkit.data.schema.ImageRef`. Conversion happens per row, on access, and goes through
-:meth:`StepRecord.from_dict`, so every format is validated by the same rules.
+Parquet is read through Hugging Face ``datasets`` (``load_dataset("parquet", data_files=...,
+streaming=...)``, rows as Arrow or with ``decode(False)``). JSON lines are read here, line by line
+as bytes, each line decoded on its own: one line that is not UTF-8, not JSON or nested too deeply is
+one bad record (``file:line N:...``), never a failed load, and nothing is cached (a changed file is
+read again). Webdataset tars are indexed with :mod:`tarfile` (member offsets) and read on access.
+Images stay encoded: every image becomes a lazy :class:`~ftkit.data.schema.ImageRef`. Conversion
+happens per row, on access, and goes through :meth:`StepRecord.from_dict`, so every format is
+validated by the same rules.
+
+Locations (the ``index`` of a record in messages): ``line N`` (1-based) in JSON lines, the sample's
+key in tars (``__key__``) and GenRef folders (folder name), the ``id`` of a GoT chain (``line N`` /
+``item N`` without one), the 0-based row number in Parquet (``ROW.k`` for bagel-edit pairs).
+
+Paths: an image path or GenRef file that resolves outside the dataset folder (``..``, absolute, a
+symlink) is a bad record (kind ``outside_path``) unless the source is opened with
+``allow_outside=True`` (registry ``allow_outside_paths: true``). Links inside tars are never read.
 
 Formats (``fields`` remaps the column names on the left to your own):
 
 ``ftkit``
-    ftkit's record (see :mod:`ftkit.data.schema`) as ``.jsonl`` (read line by line through the
-    ``text`` builder so that one malformed line is reported as a bad record instead of aborting the
-    load; a row index is the 0-based line number, blank lines are skipped) or ``.parquet`` (nested
-    fields as structs or JSON strings). ``fields`` maps record keys (id, task, prompt, input_image,
+    ftkit's record (see :mod:`ftkit.data.schema`) as ``.jsonl`` (blank lines skipped, a UTF-8 BOM
+    accepted) or ``.parquet`` (nested fields as structs or JSON strings). ``fields`` maps record keys (id, task, prompt, input_image,
     meta, steps, supervise) to column names.
 ``genref`` (ReflectionFlow's GenRef)
     A webdataset ``.tar`` (or a directory of them), or a directory of per-sample folders, each with
@@ -36,19 +45,38 @@ Formats (``fields`` remaps the column names on the left to your own):
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import os
 import re
 import tarfile
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ftkit.data.schema import ERR_JSON, ERR_MISSING, ERR_TYPE, ERR_VALUE, RecordError, StepRecord
+from ftkit.data.schema import (
+    ERR_ENCODING,
+    ERR_JSON,
+    ERR_MISSING,
+    ERR_OUTSIDE,
+    ERR_TYPE,
+    ERR_VALUE,
+    Problem,
+    RecordError,
+    StepRecord,
+    outside_reason,
+)
+from ftkit.errors import FtkitError
 
 log = logging.getLogger("ftkit.data")
 
 FORMATS = ("ftkit", "genref", "got", "bagel-t2i", "bagel-edit")
+
+
+class UnreadableFileError(FtkitError, ValueError):
+    """A data file as a whole cannot be read (not Parquet, not a tar, ...): names the file."""
 
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "ftkit": {k: k for k in ("id", "task", "prompt", "input_image", "meta", "steps", "supervise")},
@@ -91,12 +119,26 @@ def guess_format(path: str | Path) -> str:
 
 
 def _hf(builder: str, file: Path, streaming: bool):
+    """``datasets.load_dataset`` of one file. Its cache is keyed by the file's mtime only, so a file
+    rewritten with the same mtime would be served stale: the split is named after a fingerprint of
+    (size, mtime, ctime, inode) -- ctime changes on every write and cannot be set back -- which
+    is part of the cache key."""
+    import hashlib
+
     import datasets
 
-    ds = datasets.load_dataset(builder, data_files=[str(file)], split="train", streaming=streaming)
+    st = file.stat()
+    fp = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode()).hexdigest()[:16]
+    split = f"f{fp}"
+    try:
+        ds = datasets.load_dataset(builder, data_files={split: [str(file)]}, split=split, streaming=streaming)
+    except Exception as e:  # datasets wraps reader errors in DatasetGenerationError: name the file, once
+        cause = e.__cause__ or e
+        why = " ".join(str(cause).split())
+        raise UnreadableFileError(f"{file}: cannot be read as {builder} ({type(cause).__name__}: {why})") from None
     if not streaming:
         return ds.with_format("arrow")
-    return ds.decode(False) if ds.features else ds  # unknown features (text, json): nothing to decode
+    return ds.decode(False) if ds.features else ds  # unknown features: nothing to decode
 
 
 class Source:
@@ -104,14 +146,17 @@ class Source:
 
     ``len(src)`` and ``src.row(i)`` exist for map-style (non-streaming) sources; iteration yields
     ``(index, raw_row)`` in file order for both. ``src.convert(index, raw)`` returns a StepRecord
-    or raises :class:`RecordError` ``file:index:field: reason``.
+    or raises :class:`RecordError` ``file:index:field: reason``. ``root`` is the dataset folder that
+    paths must stay inside (None: any path).
     """
 
     format = "?"
 
-    def __init__(self, file: str | Path, fields: dict[str, str] | None = None, streaming: bool = False):
+    def __init__(self, file: str | Path, fields: dict[str, str] | None = None, streaming: bool = False,
+                 root: str | Path | None = None):
         self.file = Path(file)
         self.streaming = streaming
+        self.root = None if root is None else Path(root)
         unknown = set(fields or {}) - set(DEFAULT_FIELDS[self.format])
         if unknown:
             raise ValueError(f"{file}: fields {sorted(unknown)} are not fields of format {self.format!r} "
@@ -137,12 +182,16 @@ class Source:
         return self.convert(*self.row(i))
 
     def checked(self) -> Iterator[tuple[int | str, StepRecord | RecordError]]:
-        """Every row as ``(index, record)`` or ``(index, RecordError)``, never stopping."""
+        """Every row as ``(index, record)`` or ``(index, RecordError)``, in row order, never stopping.
+        The index is the record's own location (a GoT chain's id once it is read)."""
         for index, raw in self:
             try:
-                yield index, self.convert(index, raw)
+                rec = self.convert(index, raw)
+                yield rec.index, rec
             except RecordError as e:
-                yield index, e
+                yield e.index, e
+            except RecursionError:  # a structure nested deeper than Python's stack
+                yield index, self._err(index, "<record>", "nested too deeply to read", ERR_JSON)
 
     def _err(self, index, field: str, reason: str, kind: str = ERR_VALUE) -> RecordError:
         return RecordError(str(self.file), index, field, reason, kind)
@@ -157,22 +206,42 @@ class Source:
             return None
         return raw[col]
 
+    def _decode(self, data: bytes, index, fld: str) -> str:
+        """UTF-8 (a leading BOM dropped), or a RecordError naming the first bad byte."""
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise self._err(index, fld, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
+                            ERR_ENCODING) from None
+
+    def _json(self, data: bytes, index) -> Any:
+        """One JSON document from the bytes of one line."""
+        text = self._decode(data, index, "<line>")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise self._err(index, "<json>", f"not valid JSON ({e.msg} at column {e.colno})", ERR_JSON) from None
+        except RecursionError:
+            raise self._err(index, "<json>", "JSON nested too deeply to parse", ERR_JSON) from None
+        except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+            raise self._err(index, "<json>", f"not readable JSON ({e})", ERR_JSON) from None
+
     def _text(self, raw: dict, key: str, index, required: bool = True) -> str | None:
         v = self._col(raw, key, index, required)
         if v is None:
             return None
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", errors="replace")
+        if isinstance(v, (bytes, bytearray)):
+            v = self._decode(bytes(v), index, self.fields[key])
         if not isinstance(v, str):
             raise self._err(index, self.fields[key], f"must be text, got {type(v).__name__}", ERR_TYPE)
         return v.strip()
 
 
 class _HFSource(Source):
-    builder = "json"
+    builder = "parquet"
 
-    def __init__(self, file, fields=None, streaming=False):
-        super().__init__(file, fields, streaming)
+    def __init__(self, file, fields=None, streaming=False, root=None):
+        super().__init__(file, fields, streaming, root)
         self.ds = _hf(self.builder, self.file, streaming)
 
     def __len__(self) -> int:
@@ -200,38 +269,57 @@ class _HFSource(Source):
 # ftkit
 
 
-class FtkitJsonlSource(_HFSource):
-    """ftkit JSONL, one record per line (row index = 0-based line number; blank lines skipped)."""
+def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number (1-based), byte offset, bytes)`` of every non-blank line; a UTF-8 BOM at the
+    start of the file is not part of line 1. Lines are bytes: decoding is per line."""
+    offset = 0
+    with open(file, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            start = offset
+            offset += len(line)
+            if n == 1 and line.startswith(codecs.BOM_UTF8):
+                line, start = line[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            if line.strip():
+                yield n, start, line.rstrip(b"\r\n")
 
-    format = "ftkit"
-    builder = "text"
 
-    def __init__(self, file, fields=None, streaming=False):
-        super().__init__(file, fields, streaming)
+class _JsonLinesSource(Source):
+    """One JSON document per line (``index``: ``line N``). Map-style keeps only each line's number,
+    offset and length, and reads a line on access."""
+
+    def __init__(self, file, fields=None, streaming=False, root=None):
+        super().__init__(file, fields, streaming, root)
+        self._no, self._off, self._len = array("q"), array("q"), array("q")
         if not streaming:
-            col = self.ds.data.column("text")
-            self._lines = [i for i, t in enumerate(col.to_pylist()) if t and t.strip()]
+            for n, off, data in _lines(self.file):
+                self._no.append(n)
+                self._off.append(off)
+                self._len.append(len(data))
 
     def __len__(self) -> int:
         if self.streaming:
             raise TypeError(f"{self.file}: a streaming source has no length")
-        return len(self._lines)
+        return len(self._no)
 
     def row(self, i: int):
-        line = self._lines[i]
-        return line, self.ds[line].to_pylist()[0]
+        if self.streaming:
+            raise TypeError(f"{self.file}: a streaming source has no random access")
+        with open(self.file, "rb") as fh:
+            fh.seek(self._off[i])
+            return f"line {self._no[i]}", fh.read(self._len[i])
 
     def __iter__(self):
-        for i, r in super().__iter__():
-            if r["text"] and r["text"].strip():
-                yield i, r
+        for n, _, data in _lines(self.file):
+            yield f"line {n}", data
+
+
+class FtkitJsonlSource(_JsonLinesSource):
+    """ftkit JSONL, one record per line."""
+
+    format = "ftkit"
 
     def convert(self, index, raw) -> StepRecord:
-        try:
-            d = json.loads(raw["text"])
-        except json.JSONDecodeError as e:
-            raise self._err(index, "<json>", f"line is not valid JSON ({e.msg} at column {e.colno})", ERR_JSON) from None
-        return _ftkit_record(self, d, index)
+        return _ftkit_record(self, self._json(raw, index), index)
 
 
 class FtkitParquetSource(_HFSource):
@@ -248,7 +336,7 @@ def _ftkit_record(src: Source, d: Any, index) -> StepRecord:
         for key, col in src.fields.items():
             if key != col and col in d:
                 d[key] = d.pop(col)
-    return StepRecord.from_dict(d, source=src.file, index=index)
+    return StepRecord.from_dict(d, source=src.file, index=index, root=src.root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +351,10 @@ def _find_image_key(raw: dict, stem: str) -> str | None:
 
 
 def _genref_record(src: Source, raw: dict, index, base_dir: Path | None) -> StepRecord:
+    refused = raw.get("__refused__") or {}
+    if refused:  # members / files that may not be read (links, paths outside the dataset folder)
+        raise RecordError.from_problems([Problem(str(src.file), index, name, why, kind)
+                                         for name, (why, kind) in refused.items()])
     prompt = src._text(raw, "prompt", index)
     critique = src._text(raw, "reflection", index)
     subset = src._text(raw, "subset", index, required=False)
@@ -273,9 +365,8 @@ def _genref_record(src: Source, raw: dict, index, base_dir: Path | None) -> Step
             raise src._err(index, src.fields[key], f"missing image ({src.fields[key]}.{{{','.join(_IMAGE_EXTS)}}})",
                            ERR_MISSING)
         images[key] = raw[k]
-    key = raw.get("__key__") or str(index)
     d = {
-        "id": f"genref-{key}", "task": "t2i", "prompt": prompt,
+        "id": f"genref-{raw.get('__key__') or index}", "task": "t2i", "prompt": prompt,
         "meta": {"subset": subset} if subset else {},
         "steps": [
             {"type": "draft", "image": images["bad_image"]},
@@ -284,78 +375,91 @@ def _genref_record(src: Source, raw: dict, index, base_dir: Path | None) -> Step
         ],
         "supervise": ["reflect", "refine"],
     }
-    return StepRecord.from_dict(d, source=src.file, index=index, base_dir=base_dir)
+    return StepRecord.from_dict(d, source=src.file, index=index, base_dir=base_dir, root=src.root)
 
 
-class GenRefTarSource(_HFSource):
-    """A GenRef webdataset shard (``KEY.prompt.txt``, ``KEY.bad_image.jpg``, ...).
+class GenRefTarSource(Source):
+    """A GenRef webdataset shard (``KEY.prompt.txt``, ``KEY.bad_image.jpg``, ...); ``index`` is the key.
 
-    ``datasets``' webdataset builder refuses a shard whose samples do not all have the same members;
-    such a shard is then read with :mod:`tarfile` (samples grouped by key, in archive order) so that
-    the incomplete samples are reported as bad records and the others are kept.
+    The tar is indexed once with :mod:`tarfile` (each member's data offset and size, samples grouped
+    by key in archive order) and members are read on access. Samples with missing members are bad
+    records, the others are kept. Links (symbolic or hard) are never followed: a sample with one is
+    a bad record.
     """
 
     format = "genref"
-    builder = "webdataset"
 
-    def __init__(self, file, fields=None, streaming=False):
-        try:
-            super().__init__(file, fields, streaming)
-            self._samples = None
-        except ValueError as e:
-            if "WebDataset" not in str(e):
-                raise
-            Source.__init__(self, file, fields, streaming)
-            log.warning("%s: %s; reading it with tarfile instead", file, e)
-            self._samples = _tar_samples(self.file)
-            self.streaming = False
+    def __init__(self, file, fields=None, streaming=False, root=None):
+        super().__init__(file, fields, streaming, root)
+        self._samples = _tar_samples(self.file)
 
     def __len__(self) -> int:
-        return super().__len__() if self._samples is None else len(self._samples)
+        if self.streaming:
+            raise TypeError(f"{self.file}: a streaming source has no length")
+        return len(self._samples)
 
     def row(self, i: int):
-        if self._samples is None:
-            return super().row(i)
         key, members = self._samples[i]
         raw: dict[str, Any] = {"__key__": key}
-        with tarfile.open(self.file) as tf:
-            for suffix, name in members.items():
-                data = tf.extractfile(name).read()
-                raw[suffix] = data.decode("utf-8", errors="replace") if suffix.endswith(".txt") else {"bytes": data}
-        return i, raw
+        with open(self.file, "rb") as fh:
+            for suffix, (name, offset, size, link) in members.items():
+                if link is not None:
+                    why = (f"tar member {name} is a link to {link!r} (not read)", ERR_OUTSIDE)
+                    if link.startswith("<"):
+                        why = (f"tar member {name}: {link[1:-1]}", ERR_VALUE)
+                    raw.setdefault("__refused__", {})[suffix] = why
+                    continue
+                fh.seek(offset)
+                data = fh.read(size)
+                if len(data) < size:
+                    raw.setdefault("__refused__", {})[suffix] = (f"tar member {name} is truncated ({len(data)} of "
+                                                                 f"{size} bytes)", ERR_VALUE)
+                    continue
+                raw[suffix] = data if suffix.endswith(".txt") else {"bytes": data, "path": f"{self.file.name}:{name}"}
+        return key, raw
 
     def __iter__(self):
-        if self._samples is None:
-            yield from super().__iter__()
-        else:
-            for i in range(len(self._samples)):
-                yield self.row(i)
+        for i in range(len(self._samples)):
+            yield self.row(i)
 
     def convert(self, index, raw) -> StepRecord:
         return _genref_record(self, raw, index, None)
 
 
-def _tar_samples(path: Path) -> list[tuple[str, dict[str, str]]]:
-    """Group a webdataset tar's members by key (the basename up to its first dot)."""
-    groups: dict[str, dict[str, str]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            if not m.isfile():
-                continue
-            d, _, base = m.name.rpartition("/")
-            key, dot, suffix = base.partition(".")
-            if dot:
-                groups.setdefault(f"{d}/{key}" if d else key, {})[suffix] = m.name
+def _tar_samples(path: Path) -> list[tuple[str, dict[str, tuple[str, int, int, str | None]]]]:
+    """Group a webdataset tar's members by key (the path up to the first dot of the basename):
+    ``[(key, {suffix: (member name, data offset, size, link target or None)})]`` in archive order."""
+    groups: dict[str, dict[str, tuple[str, int, int, str | None]]] = {}
+    try:
+        tf = tarfile.open(path, "r:")  # uncompressed: members are read at their data offsets
+    except (tarfile.TarError, OSError) as e:
+        raise UnreadableFileError(f"{path}: cannot be read as an uncompressed tar archive ({' '.join(str(e).split())})"
+                                  ) from None
+    with tf:
+        try:
+            for m in tf:
+                if m.isdir():
+                    continue
+                d, _, base = m.name.rpartition("/")
+                key, dot, suffix = base.partition(".")
+                if not dot:
+                    continue
+                link = m.linkname if (m.issym() or m.islnk()) else ("<not a regular file>" if not m.isfile() else None)
+                groups.setdefault(f"{d}/{key}" if d else key, {})[suffix] = (m.name, m.offset_data, m.size, link)
+        except tarfile.TarError as e:  # truncated or corrupt after some members: keep those, name the rest
+            last = [v for g in groups.values() for v in g.values()][-1:]
+            if not (last and last[0][1] + last[0][2] > path.stat().st_size):  # else: that member is reported
+                groups["<rest of archive>"] = {"<tar>": ("<rest of archive>", 0, 0, f"<cannot be read: {e}>")}
     return list(groups.items())
 
 
 class GenRefFolderSource(Source):
-    """A folder of per-sample folders, each holding the GenRef files."""
+    """A folder of per-sample folders, each holding the GenRef files; ``index`` is the folder name."""
 
     format = "genref"
 
-    def __init__(self, folder, fields=None, streaming=False):
-        super().__init__(folder, fields, streaming)
+    def __init__(self, folder, fields=None, streaming=False, root=None):
+        super().__init__(folder, fields, streaming, root)
         self.samples = sorted(d for d in self.file.iterdir() if d.is_dir())
         if not self.samples:
             raise FileNotFoundError(f"{folder}: no sample folders (each with prompt.txt, bad_image.jpg, ...)")
@@ -366,11 +470,19 @@ class GenRefFolderSource(Source):
     def row(self, i: int):
         d = self.samples[i]
         raw: dict[str, Any] = {"__key__": d.name}
-        for f in d.iterdir():
-            if f.suffix.lstrip(".").lower() in _IMAGE_EXTS:
+        for f in sorted(d.iterdir()):
+            ext = f.suffix.lstrip(".").lower()
+            if ext not in _IMAGE_EXTS and f.suffix != ".txt":
+                continue
+            why = outside_reason(f, self.root)
+            if why:
+                raw.setdefault("__refused__", {})[f.name] = (why, ERR_OUTSIDE)
+            elif not f.is_file():  # never open a FIFO or device named like a sample file
+                raw.setdefault("__refused__", {})[f.name] = ("not a regular file (not read)", ERR_VALUE)
+            elif ext in _IMAGE_EXTS:
                 raw[f.name] = f.name  # a path, relative to the sample folder (read lazily)
-            elif f.suffix == ".txt":
-                raw[f.name] = f.read_text(encoding="utf-8", errors="replace")
+            else:
+                raw[f.name] = f.read_bytes()
         return d.name, raw
 
     def convert(self, index, raw) -> StepRecord:
@@ -401,11 +513,59 @@ def parse_got_chain(chain: str) -> tuple[str, list[dict]]:
     return caption, boxes
 
 
-class GotSource(_HFSource):
+class GotSource(_JsonLinesSource):
+    """GoT chains: ``.jsonl`` (one per line) or ``.json`` (a list, parsed whole). ``index``: the
+    chain's ``id``, else ``line N`` / ``item N`` (0-based position in the list)."""
+
     format = "got"
-    builder = "json"
+
+    def __init__(self, file, fields=None, streaming=False, root=None):
+        self._items = None
+        if Path(file).suffix.lower() == ".json":
+            Source.__init__(self, file, fields, streaming, root)
+            self._items = self._read_list()
+            self.streaming = False
+        else:
+            super().__init__(file, fields, streaming, root)
+
+    def _read_list(self) -> list[tuple[str, Any]]:
+        data = self.file.read_bytes()
+        try:
+            doc = json.loads(self._decode(data, "<file>", "<file>"))
+        except RecordError as e:
+            return [("<file>", e)]
+        except json.JSONDecodeError as e:
+            return [("<file>", self._err("<file>", "<json>", f"not valid JSON ({e.msg} at line {e.lineno} column "
+                                         f"{e.colno})", ERR_JSON))]
+        except RecursionError:
+            return [("<file>", self._err("<file>", "<json>", "JSON nested too deeply to parse", ERR_JSON))]
+        if not isinstance(doc, list):
+            return [("<file>", self._err("<file>", "<json>", f"a GoT .json file holds a list of chains, got "
+                                         f"{type(doc).__name__}", ERR_TYPE))]
+        return [(f"item {k}", x) for k, x in enumerate(doc)]
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items is not None else super().__len__()
+
+    def row(self, i: int):
+        return self._items[i] if self._items is not None else super().row(i)
+
+    def __iter__(self):
+        if self._items is not None:
+            yield from self._items
+        else:
+            yield from super().__iter__()
 
     def convert(self, index, raw) -> StepRecord:
+        if isinstance(raw, RecordError):
+            raise raw
+        if isinstance(raw, bytes):
+            raw = self._json(raw, index)
+        if not isinstance(raw, dict):
+            raise self._err(index, "<record>", f"a GoT chain is an object, got {type(raw).__name__}", ERR_TYPE)
+        rid = raw.get(self.fields["id"])
+        if rid is not None and str(rid).strip():
+            index = str(rid)
         prompt = self._text(raw, "prompt", index)
         chain = self._text(raw, "chain", index)
         try:
@@ -413,11 +573,10 @@ class GotSource(_HFSource):
         except ValueError as e:
             raise self._err(index, self.fields["chain"], str(e)) from None
         image = self._col(raw, "image", index)
-        rid = raw.get(self.fields["id"])
-        d = {"id": str(rid) if rid is not None else f"{self.file.stem}-{index}", "task": "t2i", "prompt": prompt,
+        d = {"id": str(rid) if rid is not None else f"{self.file.stem}-{index.replace(' ', '')}", "task": "t2i",
+             "prompt": prompt,
              "steps": [{"type": "plan", "caption": caption, "boxes": boxes}, {"type": "draft", "image": image}]}
-        rec = StepRecord.from_dict(d, source=self.file, index=index)
-        return rec
+        return StepRecord.from_dict(d, source=self.file, index=index, root=self.root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,15 +612,15 @@ class BagelT2ISource(_HFSource):
             raise self._err(index, self.fields["captions"], "no non-empty caption")
         d = {"id": f"{self.file.stem}-{index}", "task": "t2i", "prompt": caps[0], "meta": {"captions": caps},
              "steps": [{"type": "draft", "image": image}]}
-        return StepRecord.from_dict(d, source=self.file, index=index)
+        return StepRecord.from_dict(d, source=self.file, index=index, root=self.root)
 
 
 class BagelEditSource(_HFSource):
     format = "bagel-edit"
     builder = "parquet"
 
-    def __init__(self, file, fields=None, streaming=False):
-        super().__init__(file, fields, streaming)
+    def __init__(self, file, fields=None, streaming=False, root=None):
+        super().__init__(file, fields, streaming, root)
         if not streaming:
             col = self.fields["instructions"]
             if col not in self.ds.column_names:
@@ -501,15 +660,18 @@ class BagelEditSource(_HFSource):
         d = {"id": f"{self.file.stem}-{index}", "task": "edit", "prompt": text.strip(), "input_image": images[k],
              "meta": {"instructions": list(ins) if isinstance(ins, list) else [ins]},
              "steps": [{"type": "draft", "image": images[k + 1]}]}
-        return StepRecord.from_dict(d, source=self.file, index=index)
+        return StepRecord.from_dict(d, source=self.file, index=index, root=self.root)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def open_sources(path: str | Path, format: str | None = None, fields: dict[str, str] | None = None,
-                 streaming: bool = False) -> list[Source]:
+                 streaming: bool = False, allow_outside: bool = False) -> list[Source]:
     """The :class:`Source` objects for one path (a directory of GenRef shards gives several).
+
+    Paths inside records must stay in the dataset folder (the file's folder; a GenRef sample
+    folders' parent) unless ``allow_outside``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -522,28 +684,30 @@ def open_sources(path: str | Path, format: str | None = None, fields: dict[str, 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     suffix = p.suffix.lower()
+    if fmt == "ftkit" and p.is_dir() and ftkit_records_file(p) is not None:
+        p = ftkit_records_file(p)
+        suffix = p.suffix.lower()
+    root = None if allow_outside else Path(os.path.realpath(p if p.is_dir() else p.parent))
+    kw = {"fields": fields, "streaming": streaming, "root": root}
     if fmt == "ftkit":
-        if p.is_dir() and ftkit_records_file(p) is not None:
-            p = ftkit_records_file(p)
-            suffix = p.suffix.lower()
         if suffix == ".jsonl":
-            return [FtkitJsonlSource(p, fields, streaming)]
+            return [FtkitJsonlSource(p, **kw)]
         if suffix == ".parquet":
-            return [FtkitParquetSource(p, fields, streaming)]
+            return [FtkitParquetSource(p, **kw)]
         raise ValueError(f"{p}: ftkit records are .jsonl or .parquet files")
     if fmt == "genref":
         if p.is_dir():
             tars = sorted(p.glob("*.tar"))
             if tars:
-                return [GenRefTarSource(t, fields, streaming) for t in tars]
-            return [GenRefFolderSource(p, fields, streaming)]
+                return [GenRefTarSource(t, **kw) for t in tars]
+            return [GenRefFolderSource(p, **kw)]
         if suffix == ".tar":
-            return [GenRefTarSource(p, fields, streaming)]
+            return [GenRefTarSource(p, **kw)]
         raise ValueError(f"{p}: GenRef data is a webdataset .tar or a folder of sample folders")
     if fmt == "got":
         if suffix in (".json", ".jsonl"):
-            return [GotSource(p, fields, streaming)]
+            return [GotSource(p, **kw)]
         raise ValueError(f"{p}: GoT chains are .json or .jsonl files")
     if suffix != ".parquet":
         raise ValueError(f"{p}: format {fmt!r} reads .parquet files")
-    return [BagelT2ISource(p, fields, streaming) if fmt == "bagel-t2i" else BagelEditSource(p, fields, streaming)]
+    return [BagelT2ISource(p, **kw) if fmt == "bagel-t2i" else BagelEditSource(p, **kw)]

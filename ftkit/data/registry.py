@@ -9,6 +9,7 @@ A registry file::
         split: train             # the split this entry serves by default
         weight: 1.0              # sampling weight in a mixture (> 0)
         skip_invalid: false      # drop bad records (logged and listed) instead of refusing the dataset
+        allow_outside_paths: false   # let records read files outside the dataset folder (.., absolute, symlinks)
         fields: {prompt: caption}   # ftkit-name -> column-name mapping (see ftkit.data.importers)
         description: "..."
 
@@ -33,7 +34,8 @@ from ftkit.errors import FtkitError
 FORMATS = ("ftkit", "genref", "got", "bagel-t2i", "bagel-edit")
 ENV_VAR = "FTKIT_DATA_REGISTRY"
 BUILTIN_REGISTRY = Path(__file__).resolve().parents[2] / "data" / "registry.yaml"
-_ENTRY_KEYS = {"format", "path", "paths", "split", "weight", "skip_invalid", "fields", "description"}
+_ENTRY_KEYS = {"format", "path", "paths", "split", "weight", "skip_invalid", "allow_outside_paths", "fields",
+               "description"}
 
 
 class RegistryError(FtkitError, ValueError):
@@ -57,6 +59,7 @@ class DatasetSpec:
     split: str = "train"
     weight: float = 1.0
     skip_invalid: bool = False
+    allow_outside_paths: bool = False
     fields: dict[str, str] = field(default_factory=dict)
     description: str = ""
     origin: str = ""  # registry file that declared it
@@ -129,12 +132,15 @@ def _parse_entry(name: str, e: Any, file: Path) -> DatasetSpec:
     skip = e.get("skip_invalid", False)
     if not isinstance(skip, bool):
         raise RegistryError(f"{where}.skip_invalid: must be true or false, got {skip!r}")
+    outside = e.get("allow_outside_paths", False)
+    if not isinstance(outside, bool):
+        raise RegistryError(f"{where}.allow_outside_paths: must be true or false, got {outside!r}")
     fields = e.get("fields") or {}
     if not isinstance(fields, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
         raise RegistryError(f"{where}.fields: must map field names to column names (strings), got {fields!r}")
     desc = e.get("description", "")
     return DatasetSpec(name=name, format=fmt, paths=paths, split=split, weight=float(weight), skip_invalid=skip,
-                       fields=dict(fields), description=str(desc), origin=str(file))
+                       allow_outside_paths=outside, fields=dict(fields), description=str(desc), origin=str(file))
 
 
 def read_registry_file(path: str | os.PathLike) -> dict[str, DatasetSpec]:

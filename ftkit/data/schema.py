@@ -40,6 +40,7 @@ import binascii
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,10 @@ ERR_IMAGE_MISSING = "image_missing"
 ERR_IMAGE_DECODE = "image_decode"
 ERR_IMAGE_SIZE = "image_size"
 ERR_MASK_SIZE = "mask_size"
+ERR_ENCODING = "encoding"
+ERR_OUTSIDE = "outside_path"
+ERR_DUPLICATE = "duplicate_id"
+ERR_TOO_LONG = "too_long"
 
 
 @dataclass(frozen=True)
@@ -166,23 +171,40 @@ class ImageRef:
     def exists(self) -> bool:
         return self.data is not None or (self.path is not None and self.path.is_file())
 
-    def open(self, mode: str = "RGB"):
-        """Decode fully (``Image.load()``) and convert to ``mode``. Raises ``FileNotFoundError`` for a
-        missing file and ``OSError`` (PIL's ``UnidentifiedImageError`` included) for undecodable data."""
-        from PIL import Image
+    def _open(self):
+        """``Image.open`` (header only) with errors that name this image, not a ``BytesIO`` object;
+        refuses a header larger than PIL's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb) before
+        anything is decoded."""
+        from PIL import Image, UnidentifiedImageError
 
         src = io.BytesIO(self.data) if self.data is not None else self.path
-        with Image.open(src) as im:
+        try:
+            with warnings.catch_warnings():  # the size is checked below, with a message that names the image
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(src)
+        except UnidentifiedImageError:
+            raise OSError(f"cannot identify image file {self.name}") from None
+        except Image.DecompressionBombError as e:
+            raise OSError(f"image is too large to decode: {e}") from None
+        w, h = im.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and w * h > limit:
+            im.close()
+            raise OSError(f"image header says {w}x{h} = {w * h} pixels, more than the {limit} allowed "
+                          "(PIL.Image.MAX_IMAGE_PIXELS)")
+        return im
+
+    def open(self, mode: str = "RGB"):
+        """Decode fully (``Image.load()``) and convert to ``mode``. Raises ``FileNotFoundError`` for a
+        missing file and ``OSError`` for undecodable data or a header above ``Image.MAX_IMAGE_PIXELS``."""
+        with self._open() as im:
             im.load()
             return im.convert(mode) if mode else im.copy()
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) from the header (no full decode)."""
-        from PIL import Image
-
-        src = io.BytesIO(self.data) if self.data is not None else self.path
-        with Image.open(src) as im:
+        with self._open() as im:
             return im.size
 
     def to_json(self, base_dir: str | os.PathLike | None = None, embed: bool = False) -> Any:
@@ -270,8 +292,8 @@ _RECORD_KEYS = {"id", "task", "prompt", "input_image", "meta", "steps", "supervi
 class _Checker:
     """Accumulates problems of one record."""
 
-    def __init__(self, file: str, index: int | str):
-        self.file, self.index = file, index
+    def __init__(self, file: str, index: int | str, root: Path | None = None):
+        self.file, self.index, self.root = file, index, root
         self.problems: list[Problem] = []
 
     def add(self, fld: str, reason: str, kind: str = ERR_VALUE) -> None:
@@ -290,6 +312,12 @@ class _Checker:
             return None
         if nonempty and not v.strip():
             self.add(fld, "must be a non-empty string")
+            return None
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape such as "\ud800"
+            self.add(fld, f"not valid Unicode text (lone surrogate {v[e.start]!r} at character {e.start})",
+                     ERR_ENCODING)
             return None
         return v
 
@@ -321,12 +349,18 @@ class _Checker:
                 self.add(fld, "missing required image", ERR_MISSING)
             return None
         try:
-            return ImageRef.from_value(v, base_dir)
+            ref = ImageRef.from_value(v, base_dir)
         except TypeError as e:
             self.add(fld, str(e), ERR_TYPE)
+            return None
         except ValueError as e:
             self.add(fld, str(e))
-        return None
+            return None
+        reason = outside_reason(ref.path, self.root) if ref.path is not None else None
+        if reason:
+            self.add(fld, reason, ERR_OUTSIDE)
+            return None
+        return ref
 
     def listof(self, d: dict, key: str, fld: str) -> list:
         v = d.get(key)
@@ -348,6 +382,20 @@ class _Checker:
             if k not in allowed and v is not None:
                 self.add(f"{fld}{k}" if fld else k, f"unknown field (allowed: {', '.join(sorted(allowed))})",
                          ERR_UNKNOWN)
+
+
+def outside_reason(path: Path, root: Path | None) -> str | None:
+    """Why ``path`` may not be read from a dataset whose folder is ``root`` (None: any path may), or None.
+
+    ``path`` is resolved (``..`` and symlinks followed): it must land inside ``root``."""
+    if root is None:
+        return None
+    target = Path(os.path.realpath(path))
+    if target.is_relative_to(os.path.realpath(root)):
+        return None
+    how = "is a symlink to" if os.path.islink(path) else "resolves to"
+    return (f"path {str(path)!r} {how} {str(target)!r}, outside the dataset folder {str(root)!r} "
+            "(set `allow_outside_paths: true` in the registry entry to allow it)")
 
 
 def box_problem(v: Any) -> str | None:
@@ -500,7 +548,7 @@ class StepRecord:
 
     @classmethod
     def from_dict(cls, d: Any, source: str | os.PathLike = "<memory>", index: int | str = 0,
-                  base_dir: str | os.PathLike | None = None) -> StepRecord:
+                  base_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None) -> StepRecord:
         """Validate and convert a raw record.
 
         Args:
@@ -509,6 +557,8 @@ class StepRecord:
                 directory unless ``base_dir`` is given).
             index: record index within ``source`` (messages).
             base_dir: directory that relative image paths are relative to.
+            root: the dataset folder: an image path that resolves outside it (``..``, absolute, a
+                symlink) is a problem (kind ``outside_path``). None: any path is allowed.
 
         Raises:
             RecordError: ``source:index:field: reason``, with every problem in ``.problems``.
@@ -517,7 +567,7 @@ class StepRecord:
         if base_dir is None and source and not source.startswith("<"):
             base_dir = Path(source).parent
         base = Path(base_dir) if base_dir is not None else None
-        ck = _Checker(source, index)
+        ck = _Checker(source, index, None if root is None else Path(root))
         if not isinstance(d, dict):
             raise RecordError(source, index, "<record>", f"record must be an object, got {type(d).__name__}", ERR_TYPE)
         ck.unknown(d, _RECORD_KEYS, "")

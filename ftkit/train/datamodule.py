@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ftkit.data.builder import BuilderConfig, apply_cfg_dropout, build_segments
 from ftkit.data.packer import PackConfig, pack, packed_length
+from ftkit.data.schema import ERR_TOO_LONG, RecordError
+from ftkit.errors import FtkitError
 from ftkit.segments import Kind, PackedBatch, Segment
 
 log = logging.getLogger("ftkit")
@@ -34,10 +36,45 @@ class BatchItem:
         return BatchItem(self.batch.to(device), self.index, self.num_samples)
 
 
+def mixture_table(parts: list, records) -> list[dict]:
+    """Per dataset: records kept, records skipped, weight, samples per epoch and their share."""
+    schedule = getattr(records, "schedule", None)
+    counts = [0] * len(parts)
+    if schedule is None:
+        counts[0] = len(records)
+    else:
+        for d, _ in schedule:
+            counts[d] += 1
+    weights = getattr(records, "weights", [getattr(parts[0], "weight", 1.0)])
+    total = sum(counts)
+    return [{"dataset": p.name, "records": len(p), "skipped": len(p.errors), "weight": float(w), "samples": c,
+             "share": c / total} for p, w, c in zip(parts, weights, counts)]
+
+
+def format_mixture(rows: list[dict]) -> str:
+    """The mixture as a table (printed at set-up), with a note for any dataset whose share of
+    samples is far from its share of records (weights are per dataset, not per record)."""
+    total_s, total_r = sum(r["samples"] for r in rows), sum(r["records"] for r in rows)
+    w = max(len("dataset"), *(len(r["dataset"]) for r in rows))
+    lines = [f"data mixture: {total_s} samples per epoch",
+             f"  {'dataset':<{w}} {'records':>8} {'skipped':>8} {'weight':>7} {'samples':>8} {'share':>7}"]
+    for r in rows:
+        lines.append(f"  {r['dataset']:<{w}} {r['records']:>8} {r['skipped']:>8} {r['weight']:>7g} {r['samples']:>8} "
+                     f"{r['share']:>7.1%}")
+    if len(rows) > 1:
+        for r in rows:
+            per = r["samples"] / max(r["records"], 1)
+            if per >= 2 or r["share"] > 2 * r["records"] / max(total_r, 1):
+                lines.append(f"  note: {r['dataset']}: {r['records']} records make {r['share']:.1%} of samples "
+                             f"(each seen ~{per:.0f}x per epoch): weights set a dataset's share, not a record's; "
+                             "set weights proportional to record counts to sample records evenly")
+    return "\n".join(lines)
+
+
 def plan_epoch(lengths: list[int], budget: int, seed: int, epoch: int, max_samples: int | None = None) -> list[list[int]]:
     """Shuffle record indexes with (seed, epoch) and pack them greedily into bins of <= budget tokens.
 
-    A record longer than the budget gets a bin of its own (never dropped silently: it is logged at setup).
+    A record longer than the budget gets a bin of its own (the data module refuses such records at set-up).
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
@@ -105,7 +142,16 @@ class MCoTDataModule(L.LightningDataModule):
         max_samples_per_batch: cap on samples per pack (0 = no cap).
         vae_image_size / vit_image_size: image sides fed to the VAE (multiple of 16) and ViT (of 14).
         cfg_dropout: (text, vit, vae) context dropout, upstream's (0.1, 0.3, 0.3); ``null`` disables.
-        skip_invalid: drop invalid records (listed in a file) instead of refusing the dataset.
+        skip_invalid: drop invalid records instead of refusing the dataset (default: each registry
+            entry's own ``skip_invalid``). Records are checked at set-up with ``ftkit data validate``'s
+            checks (schema, paths, images, duplicate ids), plus one of the data module's own: a record
+            whose packed length exceeds ``token_budget`` can never be trained and is invalid too. The
+            skipped records are listed in ``skipped_dir/skipped-records.txt``; with ``skip_invalid``
+            off, set-up raises :class:`~ftkit.data.dataset.InvalidDatasetError` (count and first
+            problems, one message) before step 0.
+        skipped_dir: folder for the list of skipped records; default the run folder (the trainer's
+            ``default_root_dir``) when a trainer is attached, else ``$TMPDIR/ftkit-invalid``.
+        min_image_size: smallest allowed image side in pixels (as ``ftkit data validate --min-size``).
         val_dataset: optional evaluation set (no dropout).
         num_workers: dataloader worker processes.
         seed: data seed (packing order, dropout, timesteps).
@@ -126,6 +172,8 @@ class MCoTDataModule(L.LightningDataModule):
         vit_context_for_generated: bool = True,
         cfg_dropout: tuple[float, float, float] | None = (0.1, 0.3, 0.3),
         skip_invalid: bool = False,
+        skipped_dir: str | None = None,
+        min_image_size: int = 16,
         val_dataset: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -139,6 +187,7 @@ class MCoTDataModule(L.LightningDataModule):
         self.vit_context_for_generated = vit_context_for_generated
         self.cfg_dropout = tuple(cfg_dropout) if cfg_dropout else None
         self.skip_invalid, self.val_dataset = skip_invalid, val_dataset
+        self.skipped_dir, self.min_image_size = skipped_dir, min_image_size
         self.num_workers, self.seed = num_workers, seed
         self.generate_shapes = generate_shapes
         self.batches_consumed = 0
@@ -157,7 +206,7 @@ class MCoTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        from ftkit.data.dataset import load_mixture, load_records
+        from ftkit.data.dataset import MixtureDataset, load_records, settle_invalid
         from ftkit.models.loading import load_tokenizer, special_token_ids
 
         if not self.model_path:
@@ -170,21 +219,54 @@ class MCoTDataModule(L.LightningDataModule):
                                          vit_image_size=self.vit_image_size,
                                          vae_stride=self.pack_cfg.vae_stride, vit_patch_size=self.pack_cfg.vit_patch_size,
                                          vit_context_for_generated=self.vit_context_for_generated)
-        if len(self.datasets) == 1:
-            self.records = load_records(self.datasets[0], registry=self.registry, skip_invalid=self.skip_invalid or None)
+        parts = [self._load(name) for name in self.datasets]
+        out_dir = self.skipped_dir or (self.trainer.default_root_dir if self.trainer is not None else None)
+        settle_invalid(parts, out_dir, filename="skipped-records.txt" if out_dir else None)
+        for d in parts:
+            if len(d) == 0:
+                raise FtkitError(f"dataset {d.name!r}: no valid record left ({len(d.errors)} skipped, listed in "
+                                 f"{getattr(d, 'invalid_list', '?')})")
+        if len(parts) == 1:
+            self.records, self.lengths = parts[0], list(parts[0].lengths)
         else:
-            self.records = load_mixture(self.datasets, registry=self.registry, weights=self.weights, seed=self.seed,
-                                        skip_invalid=self.skip_invalid or None)
-        # Build every sample once at set-up: bad images / records fail here, never mid-run.
-        self.lengths = [packed_length(self.segments(i, train=False), self.pack_cfg) for i in range(len(self.records))]
-        too_long = [i for i, n in enumerate(self.lengths) if n > self.token_budget]
-        if too_long:
-            log.warning("%d records exceed token_budget=%d and get a batch of their own (longest %d tokens)",
-                        len(too_long), self.token_budget, max(self.lengths[i] for i in too_long))
-        self.val_records = load_records(self.val_dataset, registry=self.registry) if self.val_dataset else None
+            self.records = MixtureDataset(parts, weights=self.weights, seed=self.seed)
+            self.lengths = [parts[d].lengths[j] for d, j in self.records.schedule]
+        self.mixture = mixture_table(parts, self.records)
+        log.info("%s", format_mixture(self.mixture))
+        self.val_records = None
+        if self.val_dataset:
+            self.val_records = load_records(self.val_dataset, registry=self.registry, min_size=self.min_image_size,
+                                            invalid_list_dir=out_dir)
         self._ready = True
         log.info("data: %d records, %d packed batches per epoch at %d tokens", len(self.records),
                  len(self.epoch_plan(0)), self.token_budget)
+
+    def _load(self, name: str):
+        """One dataset, checked: records failing ``validate``'s checks, or whose packed length exceeds
+        ``token_budget`` (built once here, so nothing fails mid-run), are in ``ds.errors``; the
+        packed length of each kept record is in ``ds.lengths``."""
+        from ftkit.data.dataset import load_records
+
+        ds = load_records(name, registry=self.registry, skip_invalid=self.skip_invalid or None,
+                          min_size=self.min_image_size, defer_invalid=True)
+        lengths, drop, errors = [], [], []
+        for k in range(len(ds)):
+            rec = ds[k]
+            try:
+                n = packed_length(build_segments(rec, self.tokenize, self.builder_cfg), self.pack_cfg)
+            except RecordError as e:
+                drop.append(k)
+                errors.append(e)
+                continue
+            if n > self.token_budget:
+                drop.append(k)
+                errors.append(RecordError(rec.source, rec.index, "<record>", f"packs to {n} tokens, more than "
+                                          f"token_budget={self.token_budget}: it can never fit a batch", ERR_TOO_LONG))
+                continue
+            lengths.append(n)
+        ds.drop(drop, errors)
+        ds.lengths = lengths
+        return ds
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
