@@ -193,7 +193,7 @@ def test_validator_rejects_inverted_boxes(tmp_path, where, box):
     report = validate(f)
     field = "steps[0].boxes[0].box" if where == "plan" else "steps[2].regions[0].box"
     assert not report.ok and report.good == 1, report.summary()
-    assert [(p.index, p.field, p.kind) for p in report.problems] == [(0, field, "box")]
+    assert [(p.index, p.field, p.kind) for p in report.problems] == [("line 1", field, "box")]
     assert "needs x0 < x1 and y0 < y1" in str(report.problems[0]) and str(f) in str(report.problems[0])
     assert box_problem(box) is not None and box_problem(good) is None
     with pytest.raises(FtkitError, match=field.replace("[", r"\[").replace("]", r"\]")):
