@@ -31,6 +31,7 @@ class AttentionSpec:
     split: torch.Tensor  # [L] long, globally unique split id
     mode: torch.Tensor  # [L] long
     impl: str = "sdpa"  # "sdpa" (dense mask) | "flex" (block mask, CUDA)
+    causal: bool = False  # one sample, causal splits only: the mask is plain k <= q (SDPA's fast path)
     _dense: torch.Tensor | None = None
     _block: object | None = None
 
@@ -39,17 +40,19 @@ class AttentionSpec:
         sample = torch.empty(length, dtype=torch.long)
         split = torch.empty(length, dtype=torch.long)
         mode = torch.empty(length, dtype=torch.long)
-        covered = 0
+        covered, samples = 0, set()
         for i, (s, e, m, smp) in enumerate(splits):
             if m not in _MODES:
                 raise ValueError(f"attention split {i}: unknown mode {m!r}")
             sample[s:e], split[s:e], mode[s:e] = smp, i, _MODES[m]
             covered += e - s
+            samples.add(smp)
         if covered != length:
             raise ValueError(f"attention splits cover {covered} tokens, sequence has {length}")
         if impl == "auto":
             impl = "flex" if (device is not None and torch.device(device).type == "cuda") else "sdpa"
-        return cls(sample.to(device), split.to(device), mode.to(device), impl)
+        causal = len(samples) <= 1 and all(m == "causal" for _, _, m, _ in splits)
+        return cls(sample.to(device), split.to(device), mode.to(device), impl, causal)
 
     def allowed(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
         """Elementwise rule on (broadcastable) query/key index tensors."""
@@ -95,13 +98,14 @@ def _flex(q, k, v, block_mask, scale, enable_gqa):
     return _flex_compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def _sdpa(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA with an explicit boolean mask; GQA by repeating each KV head for its query heads."""
-    if q.shape[0] != k.shape[0]:
-        rep = q.shape[0] // k.shape[0]
-        k = k.repeat_interleave(rep, dim=0)
-        v = v.repeat_interleave(rep, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool = False) -> torch.Tensor:
+    """torch SDPA on [1, H, L, d] views (the 4-D layout its fused CPU/CUDA kernels need; 3-D inputs fall
+    back to the math path, which keeps the H x L x L probabilities for backward). ``mask`` is a boolean
+    [Lq, Lk] (True = may attend); ``causal=True`` uses the kernel's own ``k <= q`` rule instead (no mask
+    tensor). GQA through ``enable_gqa``: query head j reads KV head j // (H / Hkv), no K/V copies."""
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=None if causal else mask,
+                                         is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0])
+    return out[0]
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, scale: float) -> torch.Tensor:
@@ -117,6 +121,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: At
             _flex_failed.add(key)
             log.warning("flex attention cannot compile for %s, head_dim %d (%s); using SDPA with a dense mask",
                         q.dtype, q.shape[-1], type(e).__name__)
+    if spec.causal:
+        return _sdpa(q, k, v, None, scale, causal=True)
     return _sdpa(q, k, v, spec.dense(), scale)
 
 
