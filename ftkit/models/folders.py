@@ -134,8 +134,9 @@ def fox_config(raw: dict, path: Path) -> BagelConfig:
 def bagel_release_config(folder: str | os.PathLike) -> BagelConfig:
     """The :class:`BagelConfig` of a BAGEL folder (single-file or sharded): the JSON configs, the
     constants upstream passes in code read from the weights' tensor shapes
-    (:func:`~ftkit.models.loading.infer_bagel_config`), and the special-token ids of its tokenizer
-    (the config's defaults when the folder has no tokenizer files)."""
+    (:func:`~ftkit.models.loading.infer_bagel_config`), the VAE downsampling of ``ae_config.json``
+    (FLUX's 8 without one) and the special-token ids of its tokenizer (the config's defaults when the
+    folder has no tokenizer files)."""
     from ftkit.models.loading import infer_bagel_config, load_tokenizer, release_weights, special_token_ids
 
     folder = Path(folder)
@@ -145,6 +146,10 @@ def bagel_release_config(folder: str | os.PathLike) -> BagelConfig:
     if weights is None:
         raise FileNotFoundError(f"{folder}: neither ema.safetensors nor {SHARD_INDEX}; {FOLDER_HELP}")
     extra = infer_bagel_config(folder, llm, vit, weights)
+    if (folder / "ae_config.json").is_file():  # a non-FLUX autoencoder: its own downsampling
+        from ftkit.models.vae import AEConfig
+
+        extra["vae_downsample"] = AEConfig.from_json(folder / "ae_config.json").downsample
     specials = {}
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         specials = special_token_ids(load_tokenizer(folder))
