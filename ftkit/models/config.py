@@ -27,10 +27,14 @@ def read_json_object(path: Path, hint: str = "") -> dict:
     return d
 
 
-def _need(d: dict, key: str, path: Path):
-    if key not in d:
-        raise ValueError(f"{path}: missing field {key!r}")
-    return d[key]
+def _fields(path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the JSON object at ``path``, its ``required`` fields plus those of ``optional`` it has).
+    Raises ValueError naming the file and the first missing required field."""
+    d = read_json_object(path)
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{path}: missing field {missing[0]!r}")
+    return d, {k: d[k] for k in (*required, *optional) if k in d}
 
 
 @dataclass
@@ -66,13 +70,9 @@ class LLMConfig:
     @classmethod
     def from_json(cls, path: str | Path, *, force_bagel: bool = True) -> LLMConfig:
         path = Path(path)
-        d = read_json_object(path)
-        kw = {k: _need(d, k, path) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "num_attention_heads", "vocab_size")}
+        d, kw = _fields(path, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size"), ("rope_theta", "rms_norm_eps", "hidden_act", "max_position_embeddings"))
         kw["num_key_value_heads"] = d.get("num_key_value_heads", kw["num_attention_heads"])
-        for k in ("rope_theta", "rms_norm_eps", "hidden_act", "max_position_embeddings"):
-            if k in d:
-                kw[k] = d[k]
         if force_bagel:
             kw.update(qk_norm=True, tie_word_embeddings=False)
         else:
@@ -112,14 +112,10 @@ class ViTConfig:
     @classmethod
     def from_json(cls, path: str | Path, *, drop_last_layer: bool = True) -> ViTConfig:
         path = Path(path)
-        d = read_json_object(path)
-        kw = {k: _need(d, k, path) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "num_attention_heads", "patch_size")}
+        _, kw = _fields(path, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "patch_size"), ("num_channels", "layer_norm_eps", "hidden_act"))
         if drop_last_layer:
             kw["num_hidden_layers"] -= 1
-        for k in ("num_channels", "layer_norm_eps", "hidden_act"):
-            if k in d:
-                kw[k] = d[k]
         if kw.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"{path}: hidden_act {kw['hidden_act']!r} not supported")
         return cls(**kw)
