@@ -16,8 +16,7 @@ from ftkit.segments import Kind, Segment
 
 def pack_config_for(cfg) -> PackConfig:
     """The packer geometry of a :class:`~ftkit.models.config.BagelConfig`."""
-    return PackConfig(cfg.bos_id, cfg.eos_id, cfg.start_of_image, cfg.end_of_image, cfg.vit.patch_size,
-                      cfg.vit_max_num_patch_per_side, cfg.vae_downsample, cfg.latent_patch_size, cfg.max_latent_size)
+    return PackConfig(**cfg.pack_config())
 
 
 def fixture_segments(fixture_dir: Path, inputs: dict[str, torch.Tensor]) -> list[Segment]:

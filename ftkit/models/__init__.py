@@ -8,9 +8,14 @@ import importlib
 
 _EXPORTS = {
     "BagelModel": "ftkit.models.bagel",
+    "BagelOutput": "ftkit.models.bagel",
+    "FlowLatents": "ftkit.models.bagel",
     "BagelConfig": "ftkit.models.config",
     "LLMConfig": "ftkit.models.config",
     "ViTConfig": "ftkit.models.config",
+    "detect_model_folder": "ftkit.models.folders",
+    "read_model_config": "ftkit.models.folders",
+    "parse_dtype": "ftkit.models.folders",
     "load_bagel": "ftkit.models.loading",
     "load_tokenizer": "ftkit.models.loading",
     "CheckpointError": "ftkit.models.loading",

@@ -41,13 +41,32 @@ def shift_timestep(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 @dataclass
+class FlowLatents:
+    """The VAE-token table of one forward, what the consistency losses need.
+
+    Rows ``Nz``: image after image in packing order, each image's ``h * w`` tokens in raster order
+    (``batch.vae_latent_hw``). ``noisy = (1 - t) clean + t eps`` row by row; the predicted velocity
+    ``BagelOutput.velocity_pred[j]`` belongs to row ``rows[j]``.
+    """
+
+    clean: torch.Tensor  # [Nz, C] clean latent tokens x0 (fp32)
+    noisy: torch.Tensor  # [Nz, C] x_t
+    timesteps: torch.Tensor  # [Nz] t of each token (0 = clean, 1 = noise)
+    rows: torch.Tensor  # [Nm] VAE-table row of each predicted velocity (long)
+
+
+@dataclass
 class BagelOutput:
+    """What :meth:`BagelModel.forward` returns. ``flow`` is None when the batch has no VAE image;
+    ``extras`` holds named intermediates (upstream's names) for parity tests and debugging."""
+
     hidden: torch.Tensor  # [L, D] final-normed hidden states
     llm_input: torch.Tensor  # [L, D]
     ce_hidden: torch.Tensor  # [Nce, D] hidden states at CE positions
     ce_logits: torch.Tensor | None  # [Nce, V] only with return_logits
     velocity_pred: torch.Tensor  # [Nm, C] at mse positions
     velocity_target: torch.Tensor  # [Nm, C]
+    flow: FlowLatents | None = None
     extras: dict = field(default_factory=dict)
 
 
@@ -243,11 +262,14 @@ class BagelModel(nn.Module):
             v_tgt = ex["flow_noise"][rows] - ex["packed_latent_clean"][rows]
             ex["mse_rows"] = rows
         else:
+            rows = torch.zeros(0, dtype=torch.long, device=dev)
             v_pred = hidden.new_zeros(0, C)
             v_tgt = hidden.new_zeros(0, C)
         ex["expert_index"] = experts
+        flow = (FlowLatents(clean=ex["packed_latent_clean"], noisy=ex["packed_noisy_latent"],
+                            timesteps=ex["packed_timesteps"], rows=rows) if "packed_latent_clean" in ex else None)
         return BagelOutput(hidden=hidden, llm_input=seq, ce_hidden=ce_hidden, ce_logits=logits,
-                           velocity_pred=v_pred, velocity_target=v_tgt, extras=ex)
+                           velocity_pred=v_pred, velocity_target=v_tgt, flow=flow, extras=ex)
 
     # ------------------------------------------------------------------ inference primitives
     def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, expert_index: torch.Tensor,
@@ -256,21 +278,10 @@ class BagelModel(nn.Module):
         return self.language_model.model(embeds, position_ids, expert_index, mask, past, use_cache=True)
 
 
-def cfg_renorm(v_cond: torch.Tensor, v_guided: torch.Tensor, renorm_min: float = 0.0, kind: str = "global") -> torch.Tensor:
-    """Scale the guided velocity back to at most the conditional norm (upstream's renorm)."""
-    if kind == "global":
-        scale = (v_cond.norm() / (v_guided.norm() + 1e-8)).clamp(min=renorm_min, max=1.0)
-    elif kind == "channel":
-        scale = (v_cond.norm(dim=-1, keepdim=True) / (v_guided.norm(dim=-1, keepdim=True) + 1e-8)).clamp(min=renorm_min, max=1.0)
-    else:
-        raise ValueError(f"unknown cfg renorm {kind!r} (global | channel)")
-    return v_guided * scale
-
-
 def timestep_schedule(num_timesteps: int, shift: float, device=None) -> torch.Tensor:
     """Upstream's inference schedule: linspace(1, 0, n) then the timestep shift."""
     ts = torch.linspace(1, 0, num_timesteps, device=device)
     return shift_timestep(ts, shift)
 
 
-__all__ = ["BagelModel", "BagelOutput", "shift_timestep", "cfg_renorm", "timestep_schedule"]
+__all__ = ["BagelModel", "BagelOutput", "FlowLatents", "shift_timestep", "timestep_schedule"]

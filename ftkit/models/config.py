@@ -9,19 +9,32 @@ from pathlib import Path
 from ftkit.segments import Functionality
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, hint: str = "") -> dict:
+    """``path`` as a JSON object.
+
+    Raises:
+        FileNotFoundError: no such file (``hint`` says how to get it). ValueError: naming the file, when
+        it is not valid JSON or not an object.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{path}: file not found" + (f". {hint}" if hint else ""))
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
-def _need(d: dict, key: str, path: Path):
-    if key not in d:
-        raise ValueError(f"{path}: missing field {key!r}")
-    return d[key]
+def _fields(path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the JSON object at ``path``, its ``required`` fields plus those of ``optional`` it has).
+    Raises ValueError naming the file and the first missing required field."""
+    d = read_json_object(path)
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{path}: missing field {missing[0]!r}")
+    return d, {k: d[k] for k in (*required, *optional) if k in d}
 
 
 @dataclass
@@ -57,13 +70,9 @@ class LLMConfig:
     @classmethod
     def from_json(cls, path: str | Path, *, force_bagel: bool = True) -> LLMConfig:
         path = Path(path)
-        d = _read_json(path)
-        kw = {k: _need(d, k, path) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "num_attention_heads", "vocab_size")}
+        d, kw = _fields(path, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size"), ("rope_theta", "rms_norm_eps", "hidden_act", "max_position_embeddings"))
         kw["num_key_value_heads"] = d.get("num_key_value_heads", kw["num_attention_heads"])
-        for k in ("rope_theta", "rms_norm_eps", "hidden_act", "max_position_embeddings"):
-            if k in d:
-                kw[k] = d[k]
         if force_bagel:
             kw.update(qk_norm=True, tie_word_embeddings=False)
         else:
@@ -103,14 +112,10 @@ class ViTConfig:
     @classmethod
     def from_json(cls, path: str | Path, *, drop_last_layer: bool = True) -> ViTConfig:
         path = Path(path)
-        d = _read_json(path)
-        kw = {k: _need(d, k, path) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "num_attention_heads", "patch_size")}
+        _, kw = _fields(path, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "patch_size"), ("num_channels", "layer_norm_eps", "hidden_act"))
         if drop_last_layer:
             kw["num_hidden_layers"] -= 1
-        for k in ("num_channels", "layer_norm_eps", "hidden_act"):
-            if k in d:
-                kw[k] = d[k]
         if kw.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
             raise ValueError(f"{path}: hidden_act {kw['hidden_act']!r} not supported")
         return cls(**kw)
@@ -174,6 +179,16 @@ class BagelConfig:
     @property
     def vae_stride(self) -> int:
         return self.vae_downsample * self.latent_patch_size
+
+    def pack_config(self) -> dict:
+        """The packer geometry of this model: keyword arguments of
+        :class:`ftkit.data.packer.PackConfig` (``PackConfig(**cfg.pack_config())``; a dict, because
+        models never import data): special-token ids, ViT patch and position-table side, VAE
+        downsampling, latent patch and latent position-table side."""
+        return {"bos_id": self.bos_id, "eos_id": self.eos_id, "start_of_image": self.start_of_image,
+                "end_of_image": self.end_of_image, "vit_patch_size": self.vit.patch_size,
+                "vit_max_patches_per_side": self.vit_max_num_patch_per_side, "vae_downsample": self.vae_downsample,
+                "latent_patch_size": self.latent_patch_size, "max_latent_size": self.max_latent_size}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftkit.models.bagel import BagelModel
-from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig
+from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig, read_json_object
 from ftkit.models.experts import (
     MODES,
     expert_of_parameter,
@@ -57,21 +57,21 @@ from ftkit.models.experts import (
     shared_expert_pairs,
     tensor_storage_key,
 )
+from ftkit.models.folders import FOX_FORMAT_VERSION, FOX_MODEL_TYPE, SHARD_INDEX, fox_config, read_fox_meta
 from ftkit.models.loading import (
-    QUANTIZE,
-    CheckpointError,
     SafetensorsFile,
-    _quantized_linear,
-    _set_tensor,
-    is_quantizable,
+    ShardedSafetensors,
+    Source,
+    WeightFile,
+    fill_from_safetensors,
     load_tokenizer,
     special_token_ids,
 )
 from ftkit.models.siglip import sincos_2d
 from ftkit.models.vae import AEConfig, FluxAE
 
-MODEL_TYPE = "ftkit-fox"
-FORMAT_VERSION = 1
+MODEL_TYPE = FOX_MODEL_TYPE  # re-exported: the one definition is ftkit.models.folders.FOX_MODEL_TYPE
+FORMAT_VERSION = FOX_FORMAT_VERSION
 FOX_EXPERTS = ("", "_moe_sem", "_moe_gen")
 FOX_ROUTING = (0, 1, 2)
 IMAGE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
@@ -91,18 +91,6 @@ NEW_PARTS = ("connector.", "vae2llm.", "llm2vae.", "time_embedder.", "vit_pos_em
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _read_json(path: Path, hint: str = "") -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found. {hint}".rstrip())
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def _need_dir(path: str | os.PathLike, what: str, hint: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
@@ -110,130 +98,20 @@ def _need_dir(path: str | os.PathLike, what: str, hint: str) -> Path:
     return folder
 
 
-class _Checkpoint:
-    """The safetensors file(s) of one source folder: key -> file. Headers are validated up front
-    (:class:`~ftkit.models.loading.SafetensorsFile`: truncated files refused, keys named); tensors
-    are read with plain reads into fresh storage, so two model keys never alias one stored tensor."""
-
-    def __init__(self, folder: Path, hint: str, ignore: Callable[[str], bool] = lambda k: False):
-        self.folder, self.ignore = folder, ignore
-        self.where: dict[str, Path] = {}
-        self.files: dict[Path, SafetensorsFile] = {}
-        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
-        if index.is_file():
-            wm = _read_json(index).get("weight_map")
-            if not isinstance(wm, dict) or not wm:
-                raise ValueError(f"{index}: missing or empty field 'weight_map'")
-            for name in sorted(set(wm.values())):
-                p = folder / name
-                if not p.is_file():
-                    raise FileNotFoundError(f"{p}: shard listed in {index} not found. {hint}")
-                for k in self._file(p).keys():
-                    if k in self.where:
-                        raise CheckpointError(f"{p}: key {k} is also stored in {self.where[k]}")
-                    self.where[k] = p
-            listed_only = set(wm) - set(self.where)
-            if listed_only:
-                raise CheckpointError(f"{index}: keys listed but in no shard: {_fmt(listed_only)}")
-        elif single.is_file():
-            self.where = {k: single for k in self._file(single).keys()}
-        else:
-            bin_note = (" (found pytorch_model.bin: only safetensors are read, no pickles; convert it with "
-                        "transformers' save_pretrained(safe_serialization=True))"
-                        if (folder / "pytorch_model.bin").is_file() else "")
-            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json{bin_note}. {hint}")
-
-    def _file(self, path: Path) -> SafetensorsFile:
-        if path not in self.files:
-            self.files[path] = SafetensorsFile(path)
-        return self.files[path]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.files[self.where[key]].shape(key))
-
-    def order(self, key: str) -> tuple[str, int]:
-        return str(self.where[key]), self.files[self.where[key]].offset(key)
-
-    def read(self, key: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-        """``key`` as a new tensor; floating tensors in ``dtype``, others in the file's dtype."""
-        st = self.files[self.where[key]]
-        fdt = st.dtype(key)
-        return st.read(key, dtype if fdt.is_floating_point else fdt, device)
-
-    def close(self) -> None:
-        for st in self.files.values():
-            st.close()
-
-
-# (checkpoint, file key, optional (file shape -> model shape, tensor -> tensor))
-Source = tuple[_Checkpoint, str, tuple[Callable, Callable] | None]
-
-
-def _fill(model: nn.Module, sources: dict[str, Source], *, skip: set[str], dtype: torch.dtype,
-          device: str | torch.device, quantize: str | None = None) -> None:
-    """Fill every meta tensor of ``model`` not in ``skip`` from ``sources``; strict on keys and shapes.
-
-    Raises CheckpointError naming the folder/file and keys when a model key has no stored tensor, a
-    stored tensor is used by no model key (unless its checkpoint ignores it), or shapes differ.
-    """
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-    targets = {k: t for k, t in model.state_dict(keep_vars=True).items() if k not in skip}
-    errors, used = [], {}
-    missing = {}
-    for k in targets:
-        src = sources.get(k)
-        if src is None:
-            missing.setdefault("(no source)", []).append(k)
-        elif src[1] not in src[0].where:
-            missing.setdefault(str(src[0].folder), []).append(src[1])
-        else:
-            used.setdefault(id(src[0]), (src[0], set()))[1].add(src[1])
-    for where, keys in missing.items():
-        errors.append(f"{where}: missing keys ({len(keys)}): {_fmt(keys)}")
-    ckpts = {id(s[0]): s[0] for s in sources.values()}
-    for cid, ck in ckpts.items():
-        keys = used.get(cid, (ck, set()))[1]
-        extra = [k for k in ck.where if k not in keys and not ck.ignore(k)]
-        by_file: dict[Path, list[str]] = {}
-        for k in extra:
-            by_file.setdefault(ck.where[k], []).append(k)
-        for p, ks in by_file.items():
-            errors.append(f"{p}: unexpected keys ({len(ks)}): {_fmt(ks)}")
-    if errors:
-        raise CheckpointError("checkpoint does not match the model built from its config: " + "; ".join(errors))
-    bad = []
-    for k, t in targets.items():
-        ck, fk, tr = sources[k]
-        shape = ck.shape(fk)
-        want = tuple(tr[0](shape)) if tr else shape
-        if want != tuple(t.shape):
-            bad.append(f"{ck.where[fk]}: {fk} {list(shape)} (model {k} expects {list(t.shape)})")
-    if bad:
-        raise CheckpointError("mis-shaped keys (does a config contradict its weights?): " + "; ".join(bad[:8])
-                              + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else ""))
-
-    def read(k: str, device) -> torch.Tensor:
-        ck, fk, tr = sources[k]
-        if tr is None:
-            return ck.read(fk, dtype, device)
-        t = tr[1](ck.read(fk, torch.float32))  # transforms (interpolation) run in fp32
-        return t.to(dtype if t.is_floating_point() else t.dtype).to(device)
-
-    quantized = {k.rsplit(".", 1)[0] for k in targets if quantize and is_quantizable(k)}
-    plain = sorted((k for k in targets if k.rsplit(".", 1)[0] not in quantized),
-                   key=lambda k: sources[k][0].order(sources[k][1]))
-    try:
-        for k in plain:  # in file order: sequential reads
-            _set_tensor(model, k, read(k, device), requires_grad=False)
-        for mod in sorted(quantized):
-            b = read(mod + ".bias", "cpu") if (mod + ".bias") in targets else None
-            parent, _, attr = mod.rpartition(".")
-            lin = _quantized_linear(read(mod + ".weight", "cpu"), b, quantize, dtype, device)
-            setattr(model.get_submodule(parent), attr, lin)
-    finally:
-        for ck in ckpts.values():
-            ck.close()
+def _checkpoint(folder: Path, hint: str, ignore: Callable[[str], bool] = lambda k: False) -> WeightFile:
+    """The safetensors weights of a transformers folder (``model.safetensors``, or shards behind
+    ``model.safetensors.index.json``). Headers are validated up front
+    (:class:`~ftkit.models.loading.SafetensorsFile`: truncated files refused, keys named); tensors are
+    read with plain reads into fresh storage, so two model keys never alias one stored tensor."""
+    index, single = folder / SHARD_INDEX, folder / "model.safetensors"
+    if index.is_file():
+        return WeightFile(ShardedSafetensors(index), str(folder), ignore)
+    if single.is_file():
+        return WeightFile(SafetensorsFile(single), str(folder), ignore)
+    bin_note = (" (found pytorch_model.bin: only safetensors are read, no pickles; convert it with "
+                "transformers' save_pretrained(safe_serialization=True))"
+                if (folder / "pytorch_model.bin").is_file() else "")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or {SHARD_INDEX}{bin_note}. {hint}")
 
 
 def _fmt(keys, n: int = 8) -> str:
@@ -348,10 +226,8 @@ def load_diffusers_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
     """
     from diffusers import AutoencoderKL
 
-    from ftkit.models.loading import fill_from_safetensors
-
     cfg_path, weights = _vae_files(path)
-    raw = _read_json(cfg_path)
+    raw = read_json_object(cfg_path)
     cls = raw.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise ValueError(f"{cfg_path}: field _class_name is {cls!r}, expected 'AutoencoderKL'")
@@ -469,8 +345,7 @@ def _init_new_parts(model: BagelModel, *, seed: int, dtype: torch.dtype, device)
         "vit_pos_embed.pos_embed": sincos_2d(cfg.vit_max_num_patch_per_side, d),
         "latent_pos_embed.pos_embed": sincos_2d(cfg.max_latent_size, d),
     }
-    for k, v in values.items():
-        _set_tensor(model, k, v.to(dtype).to(device), requires_grad=False)
+    model.load_state_dict({k: v.to(dtype).to(device) for k, v in values.items()}, strict=False, assign=True)
     return list(values)
 
 
@@ -546,10 +421,10 @@ def build_fox(
     llm = read_qwen2_config(qdir)
     vit, hf_side = read_siglip_config(vdir)
     specials = special_token_ids(load_fox_tokenizer(qdir, llm.vocab_size))
-    q_ck = _Checkpoint(qdir, QWEN2_HINT, ignore=lambda k: (k == "lm_head.weight" and llm.tie_word_embeddings)
+    q_ck = _checkpoint(qdir, QWEN2_HINT, ignore=lambda k: (k == "lm_head.weight" and llm.tie_word_embeddings)
                        or k.endswith("rotary_emb.inv_freq"))
-    v_keys = _Checkpoint(vdir, SIGLIP_HINT)
-    vprefix = "vision_model." if any(k.startswith("vision_model.") for k in v_keys.where) else ""
+    v_keys = _checkpoint(vdir, SIGLIP_HINT)
+    vprefix = "vision_model." if any(k.startswith("vision_model.") for k in v_keys.reader.keys()) else ""
     v_keys.ignore = lambda k: (k.startswith((f"{vprefix}head.", "text_model.")) or k in ("logit_scale", "logit_bias"))
     vae = load_diffusers_vae(vae_path, dtype=dtype, device=device)
     side = vit_max_num_patch_per_side or hf_side
@@ -582,7 +457,7 @@ def build_fox(
             tr = (_patch_embedding_transform() if rest == "embeddings.patch_embedding.weight"
                   else _position_table_transform(side) if rest == "embeddings.position_embedding.weight" else None)
             sources[k] = (v_keys, vprefix + rest, tr)
-    _fill(model, sources, skip=skip, dtype=dtype, device=device)
+    fill_from_safetensors(model, sources=sources, skip=skip, dtype=dtype, device=device)
     _tie_lm_head(model)
     if mode == "shared":
         for dst in FOX_EXPERTS[1:]:
@@ -643,7 +518,7 @@ def save_fox(model: BagelModel, tokenizer, out_dir: str | os.PathLike, *, overwr
     pairs = shared_expert_pairs(model)
     tensors, ties = unique_tensors(model)
     meta = {
-        "model_type": MODEL_TYPE, "format_version": FORMAT_VERSION,
+        "model_type": FOX_MODEL_TYPE, "format_version": FOX_FORMAT_VERSION,
         "fox_mode": "shared" if pairs else "copy",
         "bagel_config": model.cfg.to_dict(), "shared_experts": pairs, "tied_parameters": ties,
         "vae": "vae", "dtype": str(model.dtype).removeprefix("torch."),
@@ -652,7 +527,7 @@ def save_fox(model: BagelModel, tokenizer, out_dir: str | os.PathLike, *, overwr
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "model_type": MODEL_TYPE})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "model_type": FOX_MODEL_TYPE})
         model.vae.autoencoder.save_pretrained(str(tmp / "vae"), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -688,18 +563,8 @@ def load_fox(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, devic
         raise FileNotFoundError(f"{folder}: FoX checkpoint folder not found (save_fox writes one; build_fox "
                                 "assembles a model from Qwen2, SigLIP and VAE folders)")
     cfg_path = folder / "config.json"
-    raw = _read_json(cfg_path, "a FoX checkpoint folder holds config.json, model.safetensors, vae/ and tokenizer files")
-    if raw.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{cfg_path}: field model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: field format_version {raw.get('format_version')!r} not supported "
-                         f"(this ftkit reads {FORMAT_VERSION})")
-    try:
-        cfg = BagelConfig.from_dict(raw["bagel_config"])
-    except KeyError as e:
-        raise ValueError(f"{cfg_path}: missing field {e}") from e
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: field bagel_config: {e}") from e
+    raw = read_fox_meta(folder, "a FoX checkpoint folder holds config.json, model.safetensors, vae/ and tokenizer files")
+    cfg = fox_config(raw, cfg_path)
     shared = raw.get("shared_experts", {})
     ties = raw.get("tied_parameters", {})
     if not isinstance(shared, dict) or not isinstance(ties, dict):
@@ -711,7 +576,7 @@ def load_fox(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, devic
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: file not found (written by save_fox)")
     _vae_files(folder / vae_name)
-    ck = _Checkpoint(folder, "")
+    ck = _checkpoint(folder, "")
     with torch.device("meta"):
         model = BagelModel(cfg)
     sd_keys = set(model.state_dict(keep_vars=True))
@@ -719,7 +584,7 @@ def load_fox(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, devic
     if unknown:
         raise ValueError(f"{cfg_path}: field tied_parameters names unknown parameters {_fmt(unknown)}")
     sources = {k: (ck, k, None) for k in sd_keys if k not in ties}
-    _fill(model, sources, skip=set(ties), dtype=dtype, device=device, quantize=quantize)
+    fill_from_safetensors(model, sources=sources, skip=set(ties), dtype=dtype, device=device, quantize=quantize)
     _tie_lm_head(model)
     for dst, src in shared.items():
         share_expert_weights(model, src, dst)

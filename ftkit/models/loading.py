@@ -17,8 +17,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from ftkit.errors import FtkitError
 from ftkit.models.bagel import BagelModel
 from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig
+from ftkit.models.folders import SHARD_INDEX, ST_DTYPES, ST_TAGS, bagel_release_config  # noqa: F401 (ST_TAGS re-exported)
 
 log = logging.getLogger("ftkit")
 
@@ -39,13 +41,6 @@ WEIGHTS_HINT = (
 )
 QUANTIZE = (None, "nf4", "int8")
 
-# safetensors dtype tags -> torch dtypes
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-ST_TAGS = {v: k for k, v in ST_DTYPES.items()}
 _PIECE = 16 << 20  # bytes per positional read (and per staging buffer when casting)
 _READERS = 4 if hasattr(os, "preadv") else 1  # reader threads: page faults and copies overlap on 2+ cores
 _NF4_ROWS_BYTES = 8 << 20  # a decoder weight is read and quantized in row blocks of about this size
@@ -144,6 +139,9 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         return list(self.entries)
+
+    def file_of(self, key: str) -> Path:
+        return self.path
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
@@ -256,7 +254,7 @@ class SafetensorsFile:
             yield r, out
 
 
-INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILE = SHARD_INDEX
 
 
 class ShardedSafetensors:
@@ -293,6 +291,9 @@ class ShardedSafetensors:
 
     def keys(self) -> list[str]:
         return list(self.where)
+
+    def file_of(self, key: str) -> Path:
+        return self.where[key][1].path
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.where[key][1].shape(key)
@@ -340,14 +341,6 @@ def release_weights(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
-
-
-def _check_payload(path: Path, f=None) -> None:
-    """Refuse a truncated file whose header survived (safetensors opens those); names the keys cut off.
-
-    ``f`` (a ``safe_open`` handle) is accepted for backward compatibility and not used.
-    """
-    SafetensorsFile(path)
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> None:
@@ -454,89 +447,157 @@ def _quantized_linear(w, bias: torch.Tensor | None, mode: str, dtype: torch.dtyp
     return lin
 
 
+@dataclass(eq=False)
+class WeightFile:
+    """A checkpoint feeding :func:`fill_from_safetensors`: its reader (one file or shards), the name
+    errors give it (a file or a folder), and which of its keys may stay unused."""
+
+    reader: SafetensorsFile | ShardedSafetensors
+    name: str
+    ignore: Callable[[str], bool] = field(default=lambda key: False)
+
+
+# model key -> (checkpoint, key in it, optional (file shape -> model shape, fp32 tensor -> tensor))
+Source = tuple[WeightFile, str, tuple[Callable, Callable] | None]
+
+
+def _fmt_groups(what: str, groups: dict[str, list[str]]) -> list[str]:
+    return [f"{where}: {what} ({len(keys)}): {_fmt_keys(keys)}" for where, keys in groups.items()]
+
+
 def fill_from_safetensors(
     model: nn.Module,
-    path: Path,
+    path: str | os.PathLike | None = None,
     *,
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     quantize: str | None = None,
     source_key: Callable[[str, set[str]], str | None] | None = None,
     skip_prefixes: tuple[str, ...] = (),
+    skip: Collection[str] = (),
+    sources: Mapping[str, Source] | None = None,
     trainable: bool = False,
 ) -> None:
-    """Fill every meta parameter of ``model`` from ``path``; strict on keys and shapes.
+    """Fill every meta tensor of ``model`` from safetensors; strict on keys and shapes.
 
-    ``source_key(model_key, file_keys)`` may redirect a model key to another file key (upcycling an
-    expert from the base weights); ``skip_prefixes`` are model keys filled elsewhere (the VAE).
+    Either ``path`` (one ``.safetensors`` file or a ``*.index.json`` of shards), whose keys are the
+    model's (``source_key(model_key, file_keys)`` may redirect a model key to another file key, e.g.
+    upcycling an expert from the base weights), or ``sources``: ``{model_key: (WeightFile, file_key,
+    transform)}`` over several checkpoints (FoX's Qwen2 + SigLIP folders), where ``transform = (shape_fn,
+    fn)`` maps a stored tensor (read in fp32) to the model's layout. Model keys under ``skip_prefixes``
+    or in ``skip`` are filled elsewhere (the VAE, new or tied parameters).
+
     Floating tensors become ``dtype``; integer tensors keep the file's dtype. Tensors are read in file
     order with plain reads straight into their final storage (see :class:`SafetensorsFile`); with
     ``quantize`` the decoder's Linear weights (:func:`is_quantizable`) are read one at a time in
-    ``dtype`` and replaced by bitsandbytes layers.
+    ``dtype`` (on CPU with NF4: in row blocks, :func:`nf4_quantize_rows`) and replaced by bitsandbytes
+    layers. Every file is closed on return.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: truncated/corrupt file, missing or unexpected keys, mis-shaped keys, or a
-            model tensor left on the meta device; the message names ``path`` and the keys.
-        ValueError: unknown ``quantize``.
+            model tensor left on the meta device; the message names the files (or folders) and keys.
+        ValueError: unknown ``quantize``, or neither / both of ``path`` and ``sources``.
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-    path = Path(path)
-    st = open_weights(path)
-    file_keys = set(st.keys())
-    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(skip_prefixes)}
-    src_of = {}
-    for k in targets:
-        s = k if k in file_keys else (source_key(k, file_keys) if source_key else None)
-        src_of[k] = s
-    missing = [k for k, s in src_of.items() if s is None or s not in file_keys]
-    used = {s for s in src_of.values() if s is not None}
-    unexpected = file_keys - used
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
-        raise CheckpointError(f"{path}: checkpoint does not match the model built from its config: " + "; ".join(parts))
-    bad = []
-    for k, t in targets.items():
-        shape = st.shape(src_of[k])
-        if shape != tuple(t.shape):
-            bad.append(f"{src_of[k]} {list(shape)} (model expects {list(t.shape)})")
-    if bad:
-        raise CheckpointError(f"{path}: mis-shaped keys (does the config contradict the weights?): " + "; ".join(bad[:8])
-                              + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else ""))
+    if (path is None) == (sources is None):
+        raise ValueError("fill_from_safetensors: pass either path or sources")
+    skip = set(skip)
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items()
+               if not k.startswith(skip_prefixes) and k not in skip}
+    if path is not None:
+        wf = WeightFile(open_weights(path), str(path))
+        file_keys = set(wf.reader.keys())
+        sources = {}
+        for k in targets:
+            s = k if k in file_keys else (source_key(k, file_keys) if source_key else None)
+            if s is not None:
+                sources[k] = (wf, s, None)
+    files = list({id(src[0]): src[0] for src in sources.values()}.values())
+    if path is not None and not files:
+        files = [wf]
+    try:
+        _fill(model, targets, sources, files, dtype=dtype, device=device, quantize=quantize, trainable=trainable)
+    finally:
+        for f in files:
+            f.reader.close()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not n.startswith(skip_prefixes) and n not in skip]
+    if left:
+        raise CheckpointError(f"{', '.join(f.name for f in files)}: model tensors not filled from the file "
+                              f"(would stay uninitialised): {_fmt_keys(left)}")
 
-    quantized_modules = {k.rsplit(".", 1)[0] for k in targets if quantize and is_quantizable(k)}
+
+def _fill(model: nn.Module, targets: dict[str, torch.Tensor], sources: Mapping[str, Source], files: list[WeightFile],
+          *, dtype: torch.dtype, device, quantize: str | None, trainable: bool) -> None:
+    missing: dict[str, list[str]] = {}
+    used: dict[int, set[str]] = {id(f): set() for f in files}
+    stored = {id(f): set(f.reader.keys()) for f in files}
+    for k in targets:
+        src = sources.get(k)
+        if src is None:
+            missing.setdefault(files[0].name if len(files) == 1 else "(no source)", []).append(k)
+        elif src[1] not in stored[id(src[0])]:
+            missing.setdefault(src[0].name, []).append(src[1])
+        else:
+            used[id(src[0])].add(src[1])
+    unexpected: dict[str, list[str]] = {}
+    for f in files:
+        for k in f.reader.keys():
+            if k not in used[id(f)] and not f.ignore(k):
+                unexpected.setdefault(str(f.reader.file_of(k)), []).append(k)
+    if missing or unexpected:
+        raise CheckpointError("checkpoint does not match the model built from its config: " + "; ".join(
+            _fmt_groups("missing keys", missing) + _fmt_groups("unexpected keys", unexpected)))
+    bad: dict[str, list[str]] = {}
+    for k, t in targets.items():
+        f, fk, tr = sources[k]
+        shape = tuple(f.reader.shape(fk))
+        if (tuple(tr[0](shape)) if tr else shape) != tuple(t.shape):
+            at = "" if fk == k else f" at {k}"
+            bad.setdefault(str(f.reader.file_of(fk)), []).append(f"{fk} {list(shape)} (model expects {list(t.shape)}{at})")
+    if bad:
+        n = sum(len(v) for v in bad.values())
+        raise CheckpointError("; ".join(f"{where}: mis-shaped keys (does the config contradict the weights?): "
+                                        + "; ".join(items[:8]) for where, items in bad.items())
+                              + (f" ... ({n} in all)" if n > 8 else ""))
+
+    def read(k: str, dev) -> torch.Tensor:
+        f, fk, tr = sources[k]
+        fdt = f.reader.dtype(fk)
+        if tr is None:
+            return f.reader.read(fk, dtype if fdt.is_floating_point else fdt, dev)
+        t = tr[1](f.reader.read(fk, torch.float32 if fdt.is_floating_point else fdt))  # transforms run in fp32
+        return t.to(dtype if t.is_floating_point() else t.dtype).to(dev)
+
+    order = {id(f): i for i, f in enumerate(files)}
+
+    def position(k: str):
+        f, fk, _ = sources[k]
+        return order[id(f)], f.reader.offset(fk)
+
+    quantized = {k.rsplit(".", 1)[0] for k in targets if quantize and is_quantizable(k)}
     # one job per plain tensor and one per quantized module, in file order (sequential reads)
-    jobs = [(st.offset(src_of[k]), k, False) for k in targets if k.rsplit(".", 1)[0] not in quantized_modules]
-    jobs += [(st.offset(src_of[m + ".weight"]), m, True) for m in quantized_modules]
+    jobs = [(position(k), k, False) for k in targets if k.rsplit(".", 1)[0] not in quantized]
+    jobs += [(position(m + ".weight"), m, True) for m in quantized]
     jobs.sort()
     on_cpu = torch.device(device).type == "cpu"
-    with st:
-        for _, k, quant in jobs:
-            if not quant:
-                fdt = st.dtype(src_of[k])
-                t = st.read(src_of[k], dtype if fdt.is_floating_point else fdt, device)
-                _set_tensor(model, k, t, requires_grad=trainable)
-                continue
-            wkey = src_of[k + ".weight"]
-            shape = st.shape(wkey)
-            if quantize == "nf4" and on_cpu:  # row blocks: never the whole weight in `dtype`
-                w = st.iter_rows(wkey, nf4_rows_per_block(shape, dtype.itemsize), dtype)
-            else:  # CUDA: read to the device, bitsandbytes quantizes there; int8: bnb's own path
-                w = st.read(wkey, dtype, device if quantize == "nf4" else "cpu")
-            b = st.read(src_of[k + ".bias"], dtype) if (k + ".bias") in targets else None
-            parent_name, _, attr = k.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, _quantized_linear(w, b, quantize, dtype, device, shape))
-            del w, b
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_meta and not n.startswith(skip_prefixes)]
-    if left:
-        raise CheckpointError(f"{path}: model tensors not filled from the file (would stay uninitialised): "
-                              f"{_fmt_keys(left)}")
+    for _, k, quant in jobs:
+        if not quant:
+            _set_tensor(model, k, read(k, device), requires_grad=trainable)
+            continue
+        f, wkey, tr = sources[k + ".weight"]
+        shape = tuple(f.reader.shape(wkey))
+        if quantize == "nf4" and on_cpu and tr is None:  # row blocks: never the whole weight in `dtype`
+            w = f.reader.iter_rows(wkey, nf4_rows_per_block(shape, dtype.itemsize), dtype)
+        else:  # CUDA: read to the device, bitsandbytes quantizes there; int8: bnb's own path
+            w = read(k + ".weight", device if quantize == "nf4" else "cpu")
+            shape = tuple(w.shape)
+        b = read(k + ".bias", "cpu") if (k + ".bias") in targets else None
+        parent_name, _, attr = k.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, _quantized_linear(w, b, quantize, dtype, device, shape))
+        del w, b
 
 
 def upcycle_source_key(model_key: str, file_keys: set[str]) -> str | None:
@@ -619,14 +680,9 @@ def load_bagel(
     if absent:
         raise FileNotFoundError(f"{folder}: missing {', '.join(absent)} (a BAGEL release folder holds "
                                 f"{', '.join(needed)} and the tokenizer files). {WEIGHTS_HINT}")
-    llm = LLMConfig.from_json(folder / "llm_config.json")
-    vit = ViTConfig.from_json(folder / "vit_config.json")
+    cfg = bagel_release_config(folder)
+    cfg.timestep_shift = timestep_shift
     ema = release_weights(folder)
-    extra = infer_bagel_config(folder, llm, vit, ema)
-    specials = {}
-    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
-        specials = special_token_ids(load_tokenizer(folder))
-    cfg = BagelConfig(llm=llm, vit=vit, timestep_shift=timestep_shift, **extra, **specials)
     if three_experts and len(cfg.experts) == 2:
         cfg = BagelConfig.three_experts(cfg)
     with torch.device("meta"):

@@ -1,7 +1,7 @@
 """Loss terms of MCoT fine-tuning: dense step-wise supervision and three consistency losses.
 
 Every function here is pure and differentiable: it takes tensors the backbone already produced
-(:class:`~ftkit.models.bagel.BagelOutput` and its ``extras``) and never calls a model. The
+(:class:`~ftkit.models.bagel.BagelOutput` and its typed ``flow``) and never calls a model. The
 LightningModule combines them as
 
 .. math::
@@ -18,13 +18,19 @@ Flow convention (BAGEL, ``../shared/spec/bagel.md``): ``x_t = (1 - t) x0 + t eps
 
 Latent-token layout: the VAE token table of a :class:`~ftkit.segments.PackedBatch` has ``Nz`` rows,
 image after image in packing order, each image's ``h * w`` tokens in raster order (row-major over
-its token grid ``batch.vae_latent_hw[i]``). ``extras["packed_latent_clean"]``,
-``extras["packed_noisy_latent"]`` and ``extras["packed_timesteps"]`` are indexed by these rows, and
-the predicted velocities ``v_pred [Nm, C]`` sit at rows ``extras["mse_rows"] [Nm]``.
+its token grid ``batch.vae_latent_hw[i]``). :class:`~ftkit.models.bagel.FlowLatents` ``clean``,
+``noisy`` and ``timesteps`` are indexed by these rows, and the predicted velocities ``v_pred [Nm, C]``
+sit at rows ``flow.rows [Nm]``.
+
+Host syncs: value checks that read a tensor on the host (labels in range, rows in range) run on CPU
+tensors always, and on accelerator tensors only with the environment variable
+``FTKIT_DEBUG_CHECKS=1`` (the packer builds valid labels and rows; a check there would stall every
+step). :func:`step_breakdown` reads one small vector (which steps are present, for the per-step logs).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,6 +40,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from ftkit.models import kernels
+from ftkit.models.bagel import FlowLatents
 from ftkit.segments import STEP_NAMES, PackedBatch, Step
 
 __all__ = [
@@ -54,6 +61,12 @@ IGNORE_INDEX = -100
 
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+def value_checks(t: Tensor) -> bool:
+    """Whether to check ``t``'s values on the host: always on CPU (no device sync), on an accelerator
+    only with ``FTKIT_DEBUG_CHECKS=1``."""
+    return t.device.type == "cpu" or os.environ.get("FTKIT_DEBUG_CHECKS", "") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------- CE
@@ -82,7 +95,7 @@ def per_token_ce(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *, chun
 
     Raises:
         ValueError: if shapes disagree, labels are not integers or lie outside ``[0, V)`` (other than
-            -100), or ``chunk_size < 1``.
+            -100; checked as :func:`value_checks` says), or ``chunk_size < 1``.
     """
     if hidden.dim() != 2:
         raise ValueError(f"per_token_ce: hidden must be [N, D], got {_shape(hidden)}")
@@ -96,7 +109,7 @@ def per_token_ce(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *, chun
         raise ValueError(f"per_token_ce: labels must be an integer tensor, got {labels.dtype}")
     if chunk_size < 1:
         raise ValueError(f"per_token_ce: chunk_size must be >= 1, got {chunk_size}")
-    if labels.numel():
+    if labels.numel() and value_checks(labels):
         vocab = lm_head_weight.shape[0]
         bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
         if bool(bad.any()):
@@ -175,14 +188,20 @@ def step_breakdown(
     values = values.float()
     if values.numel() == 0:
         return values.sum() * 0.0, {}
-    step_ids = step_ids.to(values.device)
-    present = [int(s) for s in torch.unique(step_ids).tolist()]
-    w_tok = torch.ones_like(values)
-    for s, w in (weights or {}).items():
-        if int(s) in present and float(w) != 1.0:
-            w_tok = torch.where(step_ids == int(s), torch.full_like(values, float(w)), w_tok)
+    weights = {int(s): float(w) for s, w in (weights or {}).items()}
+    n = max(len(Step), 1 + max(weights, default=0))
+    step_ids = step_ids.to(values.device).long()
+    if value_checks(step_ids) and bool(((step_ids < 0) | (step_ids >= n)).any()):
+        raise ValueError(f"step_breakdown: step_ids must lie in [0, {n}), got {sorted(set(step_ids.tolist()))}")
+    table = torch.ones(n)
+    for s, w in weights.items():
+        table[s] = w
+    w_tok = table.to(values.device)[step_ids]
     total = (w_tok * values).sum() / values.numel()
-    per_step = {s: values[step_ids == s].detach().mean() for s in present}
+    counts = torch.bincount(step_ids, minlength=n)
+    sums = torch.zeros(n, device=values.device).index_add_(0, step_ids, values.detach())
+    present = counts.nonzero().flatten().tolist()  # the one host read: which steps to log
+    per_step = {s: sums[s] / counts[s] for s in present}
     return total, per_step
 
 
@@ -256,29 +275,39 @@ def spatial_consistency(x0_hat: Tensor, reference: Tensor, keep: Tensor) -> Tens
     return (k * sq).sum() / (n_keep * x0_hat.shape[1])
 
 
-_EXTRAS_NEEDED = ("packed_noisy_latent", "packed_timesteps", "packed_latent_clean")
+# FlowLatents field -> the BagelOutput.extras key that holds the same tensor (older callers pass extras)
+_EXTRAS_KEYS = {"noisy": "packed_noisy_latent", "timesteps": "packed_timesteps", "clean": "packed_latent_clean"}
+
+
+def _flow_of(flow: FlowLatents | Mapping[str, Tensor], who: str) -> FlowLatents:
+    if isinstance(flow, FlowLatents):
+        return flow
+    for key in _EXTRAS_KEYS.values():
+        if key not in flow:
+            raise ValueError(f"{who}: extras lacks {key!r} (BagelModel.forward puts it in BagelOutput.extras; "
+                             "pass BagelOutput.flow)")
+    return FlowLatents(rows=flow.get("mse_rows", torch.zeros(0, dtype=torch.long)),
+                       **{f: flow[k] for f, k in _EXTRAS_KEYS.items()})
 
 
 def _image_predictions(
-    batch: PackedBatch, extras: dict, v_pred_rows: Tensor, v_pred: Tensor, who: str
+    batch: PackedBatch, flow: FlowLatents | Mapping[str, Tensor], v_pred_rows: Tensor, v_pred: Tensor, who: str
 ) -> tuple[list[tuple[int, int]], dict[int, Tensor], Tensor]:
     """Per VAE image: its row span, and x0_hat for images whose every token has a predicted velocity.
 
     Returns ``(spans, x0_hat_of_image, clean)`` where ``spans[i] = (start, end)`` rows of image ``i``.
     """
-    for key in _EXTRAS_NEEDED:
-        if key not in extras:
-            raise ValueError(f"{who}: extras lacks {key!r} (BagelModel.forward puts it in BagelOutput.extras)")
-    x_t, t, clean = (extras[k] for k in _EXTRAS_NEEDED)
+    flow = _flow_of(flow, who)
+    x_t, t, clean = flow.noisy, flow.timesteps, flow.clean
     hw = list(batch.vae_latent_hw)
     n_z = sum(h * w for h, w in hw)
     if x_t.dim() != 2 or x_t.shape[0] != n_z:
-        raise ValueError(f"{who}: extras['packed_noisy_latent'] must be [Nz={n_z}, C], got {_shape(x_t)}")
+        raise ValueError(f"{who}: flow.noisy ('packed_noisy_latent') must be [Nz={n_z}, C], got {_shape(x_t)}")
     C = x_t.shape[1]
     if _shape(clean) != (n_z, C):
-        raise ValueError(f"{who}: extras['packed_latent_clean'] must be [{n_z}, {C}], got {_shape(clean)}")
+        raise ValueError(f"{who}: flow.clean ('packed_latent_clean') must be [{n_z}, {C}], got {_shape(clean)}")
     if _shape(t) != (n_z,):
-        raise ValueError(f"{who}: extras['packed_timesteps'] must be [{n_z}], got {_shape(t)}")
+        raise ValueError(f"{who}: flow.timesteps ('packed_timesteps') must be [{n_z}], got {_shape(t)}")
     if v_pred.dim() != 2 or v_pred.shape[1] != C:
         raise ValueError(f"{who}: v_pred must be [Nm, C={C}], got {_shape(v_pred)}")
     if v_pred_rows.dim() != 1 or v_pred_rows.shape[0] != v_pred.shape[0]:
@@ -290,7 +319,7 @@ def _image_predictions(
             raise ValueError(f"{who}: batch.{name} has {len(getattr(batch, name))} entries for {len(hw)} VAE images")
     dev = x_t.device
     rows = v_pred_rows.to(dev)
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_z):
+    if rows.numel() and value_checks(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_z):
         raise ValueError(f"{who}: v_pred_rows must lie in [0, {n_z}), got [{int(rows.min())}, {int(rows.max())}]")
     pos_of_row = torch.full((n_z,), -1, dtype=torch.long, device=dev)
     pos_of_row[rows] = torch.arange(rows.numel(), device=dev)
@@ -311,7 +340,9 @@ def _image_predictions(
     return spans, preds, clean
 
 
-def spatial_consistency_from_batch(batch: PackedBatch, extras: dict, v_pred_rows: Tensor, v_pred: Tensor) -> Tensor:
+def spatial_consistency_from_batch(
+    batch: PackedBatch, flow: FlowLatents | Mapping[str, Tensor], v_pred_rows: Tensor, v_pred: Tensor
+) -> Tensor:
     """Spatial consistency of every refinement in a packed batch (mean over refined images).
 
     For each noisy VAE image ``i`` that refines image ``j = batch.vae_pair_with[i] >= 0`` on the same
@@ -328,19 +359,20 @@ def spatial_consistency_from_batch(batch: PackedBatch, extras: dict, v_pred_rows
 
     Args:
         batch (PackedBatch): the packed batch the model ran on.
-        extras (dict): ``BagelOutput.extras`` holding ``packed_noisy_latent [Nz, C]``,
-            ``packed_timesteps [Nz]`` and ``packed_latent_clean [Nz, C]``.
-        v_pred_rows (Tensor): VAE-table rows of the predicted velocities ``[Nm]`` (``extras["mse_rows"]``).
+        flow (FlowLatents): ``BagelOutput.flow``: ``noisy [Nz, C]``, ``timesteps [Nz]``, ``clean [Nz, C]``
+            (a ``BagelOutput.extras`` mapping with ``packed_noisy_latent``, ``packed_timesteps`` and
+            ``packed_latent_clean`` is accepted too).
+        v_pred_rows (Tensor): VAE-table rows of the predicted velocities ``[Nm]`` (``flow.rows``).
         v_pred (Tensor): predicted velocities ``[Nm, C]`` (``BagelOutput.velocity_pred``).
 
     Returns:
         Tensor: fp32 scalar, the mean of ``L_i`` over the images used, or ``v_pred.sum() * 0`` if none.
 
     Raises:
-        ValueError: if extras are missing or mis-shaped, or a region mask's shape is not the image's grid.
+        ValueError: if flow tensors are missing or mis-shaped, or a region mask's shape is not the image's grid.
     """
     who = "spatial_consistency_from_batch"
-    spans, preds, clean = _image_predictions(batch, extras, v_pred_rows, v_pred, who)
+    spans, preds, clean = _image_predictions(batch, flow, v_pred_rows, v_pred, who)
     terms = []
     for i, x0_hat in preds.items():
         j = int(batch.vae_pair_with[i])
@@ -488,7 +520,7 @@ def semantic_consistency(x0_hat: Tensor, x0: Tensor, grid_hw: tuple[int, int], p
 
 
 def semantic_consistency_from_batch(
-    batch: PackedBatch, extras: dict, v_pred_rows: Tensor, v_pred: Tensor, pool: int = 2
+    batch: PackedBatch, flow: FlowLatents | Mapping[str, Tensor], v_pred_rows: Tensor, v_pred: Tensor, pool: int = 2
 ) -> Tensor:
     """:func:`semantic_consistency` of every noisy VAE image carrying flow loss, averaged over images.
 
@@ -497,8 +529,8 @@ def semantic_consistency_from_batch(
 
     Args:
         batch (PackedBatch): the packed batch the model ran on.
-        extras (dict): ``BagelOutput.extras`` (``packed_noisy_latent``, ``packed_timesteps``,
-            ``packed_latent_clean``).
+        flow (FlowLatents): ``BagelOutput.flow`` (or its ``extras`` mapping, as for
+            :func:`spatial_consistency_from_batch`).
         v_pred_rows (Tensor): VAE-table rows of the predicted velocities ``[Nm]``.
         v_pred (Tensor): predicted velocities ``[Nm, C]``.
         pool (int): cell side in tokens.
@@ -507,10 +539,10 @@ def semantic_consistency_from_batch(
         Tensor: fp32 scalar, the mean over those images, or ``v_pred.sum() * 0`` if none.
 
     Raises:
-        ValueError: if extras are missing or mis-shaped.
+        ValueError: if flow tensors are missing or mis-shaped.
     """
     who = "semantic_consistency_from_batch"
-    spans, preds, clean = _image_predictions(batch, extras, v_pred_rows, v_pred, who)
+    spans, preds, clean = _image_predictions(batch, flow, v_pred_rows, v_pred, who)
     terms = []
     for i, x0_hat in preds.items():
         if not batch.vae_image_noisy[i]:

@@ -1,0 +1,191 @@
+"""Model folders: which kind a folder is, its :class:`~ftkit.models.config.BagelConfig`, and dtype names.
+
+The one home of what every loader, merger and CLI asks of a model folder (like LitGPT's
+``Config.from_file``, which every script uses). Three layouts are read:
+
+* ``"bagel"``: a BAGEL release folder (``llm_config.json``, ``vit_config.json``, ``ema.safetensors``,
+  ``ae.safetensors``, tokenizer files);
+* ``"bagel-sharded"``: the same with ``model.safetensors.index.json`` + shards instead of
+  ``ema.safetensors`` (what ``ftkit merge --max-shard-size`` writes);
+* ``"fox"``: an ftkit FoX folder (``config.json`` with ``"model_type": "ftkit-fox"``, see
+  :mod:`ftkit.models.fox`).
+
+Importing this module is cheap (torch and the config dataclasses only); reading a BAGEL config
+opens the weights' safetensors header (never the tensors) and, when present, the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig, read_json_object
+
+FOX_MODEL_TYPE = "ftkit-fox"
+FOX_FORMAT_VERSION = 1
+SHARD_INDEX = "model.safetensors.index.json"
+FOLDER_HELP = ("expected a BAGEL release folder (llm_config.json, vit_config.json, ema.safetensors or "
+               f"{SHARD_INDEX}, ae.safetensors, tokenizer files), a folder written by `ftkit merge`, or an ftkit "
+               f"FoX folder (config.json with model_type '{FOX_MODEL_TYPE}')")
+
+# dtype names accepted by recipes and CLIs -> torch dtype (bytes per element: ``DTYPES[name].itemsize``)
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+# safetensors dtype tags -> torch dtypes
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_TAGS: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype name of :data:`DTYPES` (or a torch dtype, returned as is) -> torch dtype.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_bytes(name: str | torch.dtype) -> int:
+    """Bytes per element of a dtype name of :data:`DTYPES` (``"bf16"`` -> 2)."""
+    return parse_dtype(name).itemsize
+
+
+def is_fox_folder(path: str | os.PathLike) -> bool:
+    """True if ``path/config.json`` is a JSON object with ``model_type == "ftkit-fox"`` (no other check)."""
+    try:
+        return read_json_object(Path(path) / "config.json").get("model_type") == FOX_MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+def detect_model_folder(path: str | os.PathLike) -> str:
+    """Which kind of model folder ``path`` is: ``"bagel"`` (one ``ema.safetensors``), ``"bagel-sharded"``
+    (shards + ``model.safetensors.index.json``, as ``ftkit merge`` writes) or ``"fox"``.
+
+    Raises:
+        FileNotFoundError: the folder does not exist, or holds none of the layouts (names what is missing).
+        ValueError: ``config.json`` is unreadable or names another ``model_type``.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise FileNotFoundError(f"{folder}: model folder {what}; {FOLDER_HELP}")
+    cfg = folder / "config.json"
+    if not (folder / "llm_config.json").is_file() and cfg.is_file():
+        try:
+            raw = json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e})") from e
+        mt = raw.get("model_type") if isinstance(raw, dict) else None
+        if mt != FOX_MODEL_TYPE:
+            raise ValueError(f"{cfg}: field model_type is {mt!r}; ftkit reads '{FOX_MODEL_TYPE}' folders here "
+                             f"(a transformers/diffusers checkpoint is not a BAGEL/FoX folder). {FOLDER_HELP}")
+        return "fox"
+    if (folder / "llm_config.json").is_file():
+        if (folder / "ema.safetensors").is_file():
+            return "bagel"
+        if (folder / SHARD_INDEX).is_file():
+            return "bagel-sharded"
+        raise FileNotFoundError(f"{folder}: has llm_config.json but neither ema.safetensors nor {SHARD_INDEX}; "
+                                f"{FOLDER_HELP}")
+    raise FileNotFoundError(f"{folder}: not a model folder (no llm_config.json, no config.json); {FOLDER_HELP}")
+
+
+def read_fox_meta(folder: str | os.PathLike, hint: str = "") -> dict:
+    """The ``config.json`` of a FoX folder, checked for ``model_type`` and ``format_version``.
+
+    Raises:
+        FileNotFoundError: no config.json. ValueError: naming config.json and the field.
+    """
+    path = Path(folder) / "config.json"
+    raw = read_json_object(path, hint)
+    if raw.get("model_type") != FOX_MODEL_TYPE:
+        raise ValueError(f"{path}: field model_type is {raw.get('model_type')!r}, expected {FOX_MODEL_TYPE!r}")
+    if raw.get("format_version") != FOX_FORMAT_VERSION:
+        raise ValueError(f"{path}: field format_version {raw.get('format_version')!r} not supported "
+                         f"(this ftkit reads {FOX_FORMAT_VERSION})")
+    return raw
+
+
+def fox_config(raw: dict, path: Path) -> BagelConfig:
+    """The :class:`BagelConfig` stored in a FoX ``config.json`` (``raw``, read from ``path``)."""
+    try:
+        return BagelConfig.from_dict(raw["bagel_config"])
+    except KeyError as e:
+        raise ValueError(f"{path}: missing field {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: field bagel_config: {e}") from e
+
+
+def bagel_release_config(folder: str | os.PathLike) -> BagelConfig:
+    """The :class:`BagelConfig` of a BAGEL folder (single-file or sharded): the JSON configs, the
+    constants upstream passes in code read from the weights' tensor shapes
+    (:func:`~ftkit.models.loading.infer_bagel_config`), the VAE downsampling of ``ae_config.json``
+    (FLUX's 8 without one) and the special-token ids of its tokenizer (the config's defaults when the
+    folder has no tokenizer files)."""
+    from ftkit.models.loading import infer_bagel_config, load_tokenizer, release_weights, special_token_ids
+
+    folder = Path(folder)
+    llm = LLMConfig.from_json(folder / "llm_config.json")
+    vit = ViTConfig.from_json(folder / "vit_config.json")
+    weights = release_weights(folder)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: neither ema.safetensors nor {SHARD_INDEX}; {FOLDER_HELP}")
+    extra = infer_bagel_config(folder, llm, vit, weights)
+    if (folder / "ae_config.json").is_file():  # a non-FLUX autoencoder: its own downsampling
+        from ftkit.models.vae import AEConfig
+
+        extra["vae_downsample"] = AEConfig.from_json(folder / "ae_config.json").downsample
+    specials = {}
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+        specials = special_token_ids(load_tokenizer(folder))
+    return BagelConfig(llm=llm, vit=vit, **extra, **specials)
+
+
+def read_model_config(path: str | os.PathLike) -> BagelConfig:
+    """The :class:`BagelConfig` of any model folder :func:`detect_model_folder` accepts.
+
+    ``read_model_config(path).pack_config()`` is the packer geometry of the folder, the same for a
+    sharded folder as for its single-file original.
+
+    Raises:
+        FileNotFoundError / ValueError naming the folder or file and the field;
+        :class:`~ftkit.models.loading.CheckpointError` for an unreadable weights header.
+    """
+    folder = Path(path)
+    if detect_model_folder(folder) == "fox":
+        return fox_config(read_fox_meta(folder), folder / "config.json")
+    return bagel_release_config(folder)
+
+
+__all__ = [
+    "DTYPES",
+    "FOLDER_HELP",
+    "FOX_FORMAT_VERSION",
+    "FOX_MODEL_TYPE",
+    "SHARD_INDEX",
+    "ST_DTYPES",
+    "ST_TAGS",
+    "bagel_release_config",
+    "detect_model_folder",
+    "dtype_bytes",
+    "fox_config",
+    "is_fox_folder",
+    "parse_dtype",
+    "read_fox_meta",
+    "read_model_config",
+]
