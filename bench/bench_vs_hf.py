@@ -148,11 +148,11 @@ def main() -> int:
         if n_ft != n_hf:
             raise RuntimeError(f"trainable parameters differ: ftkit {n_ft}, hf {n_hf}")
 
-        def step_ftkit():
+        def step_ftkit(ft=ft, batch=batch, head=head):
             out = ft(batch, attn_impl="sdpa")
             return per_token_ce(out.ce_hidden, head, batch.ce_labels).mean()
 
-        def step_hf():
+        def step_hf(hf=hf, input_ids=input_ids, labels=labels):
             return hf(input_ids=input_ids, labels=labels).loss.float()
 
         fns = {"ftkit": step_ftkit, "hf": step_hf}
@@ -181,7 +181,6 @@ def main() -> int:
                      "loss0_diff": abs(sides["ftkit"]["losses"][0] - sides["hf"]["losses"][0]),
                      "ft_all": sides["ftkit"]["times"], "hf_all": sides["hf"]["times"]})
         print(f"{name}: ftkit {t_ft:.3f} s/step, transformers+peft {t_hf:.3f} s/step -> ftkit is {t_hf / t_ft:.2f}x")
-        del ft, hf, sides
 
     load = os.getloadavg()[0]
     lines = [f"`python bench/bench_vs_hf.py --steps {args.steps}` on {platform.machine()}, {os.cpu_count()} cores, "

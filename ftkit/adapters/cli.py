@@ -10,7 +10,7 @@ import sys
 USAGE_EPILOG = """\
 examples:
   ftkit merge --base models/BAGEL-7B-MoT --adapter runs/bagel-mcot/latest/adapter --out models/bagel-mcot
-  ftkit merge --base B --adapter A --out O --max-shard-size none     # one ema.safetensors, as the release
+  ftkit merge --base B --adapter A --out O --max-shard-size 5GB      # shards + index (upstream will not load them)
   ftkit merge --base models/fox-shared --adapter runs/fox/latest/adapter --out models/fox-merged   # FoX folder
 QLoRA adapters merge into the unquantized release folder (never into 4-bit weights)."""
 
@@ -25,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "ftkit_adapter.json)")
     ap.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="dtype of the written weights")
-    ap.add_argument("--max-shard-size", default="5GB",
-                    help="largest shard (e.g. 5GB, 500MB); 'none' writes one ema.safetensors (default 5GB; "
-                         "a checkpoint that fits in one shard is always written as ema.safetensors)")
+    ap.add_argument("--max-shard-size", default="none",
+                    help="default 'none': one ema.safetensors, the file upstream BAGEL's app.py / inferencer "
+                         "load; a size (e.g. 5GB) writes shards + model.safetensors.index.json, which ftkit and "
+                         "accelerate read but upstream's loader does not")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ap.add_argument("--no-verify", action="store_true", help="skip the probe-batch comparison with base + adapter")
     ap.add_argument("--tolerance", type=float, default=None,
@@ -39,7 +40,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     """Entry point of ``ftkit merge``; returns the exit status (0 ok, 1 failed, 2 bad usage)."""
     a = build_parser().parse_args(argv)
     from ftkit.adapters.io import AdapterError
-    from ftkit.adapters.merge import MergeError, merge
+    from ftkit.adapters.merge import MergeError, merge, verification_text
     from ftkit.adapters.merge_fox import is_fox_folder, merge_fox
 
     try:
@@ -64,10 +65,13 @@ def merge_main(argv: list[str] | None = None) -> int:
               + (f"; untied experts {[s or 'base' for s in rep.untied_experts]}" if rep.untied_experts else "")
               + (f"; still shared {rep.shared_experts}" if rep.shared_experts else ""))
     if rep.max_diff is not None:
-        print(f"verification: max abs diff {rep.max_diff:.3e} vs base + adapter (tolerance {rep.tolerance:.1e}): ok")
+        print(f"verification: {verification_text(rep)}")
     else:
         print("verification: skipped (--no-verify)")
     print(f"wrote {rep.out}: {', '.join(rep.files)}")
+    if getattr(rep, "sharded", False):
+        print("note: sharded output (--max-shard-size): upstream BAGEL's loader reads only ema.safetensors and will "
+              "not open this folder; ftkit and accelerate do. Merge with --max-shard-size none for upstream.")
     return 0
 
 

@@ -53,6 +53,17 @@ class AdapterError(FtkitError, ValueError):
     """An adapter folder that is unreadable or does not belong to the given base model."""
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def ftkit_version() -> str:
     try:
         from importlib.metadata import version
@@ -178,6 +189,10 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
     peft_dict = peft_config_dict(model._ftkit_peft_config)
     peft_dict["base_model_name_or_path"] = str(base_path) if base_path is not None else None
     tensors = {to_disk_key(n): t.detach().to("cpu").contiguous() for n, t in adapter_state_dict(model).items()}
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterError(f"{out_dir}: refusing to write an adapter with non-finite values in {len(bad)} tensor(s), "
+                           f"e.g. {from_disk_key(bad[0])} (the run diverged; lower the learning rate)")
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ftkit_version": ftkit_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -189,6 +204,7 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
     with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_dict, indent=2))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "ftkit": FORMAT})
+        meta["sha256"] = {ADAPTER_WEIGHTS: file_sha256(tmp / ADAPTER_WEIGHTS)}
         (tmp / FTKIT_META).write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
 
@@ -241,6 +257,10 @@ class AdapterFolder:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
+            want = (self.meta.get("sha256") or {}).get(ADAPTER_WEIGHTS)
+            if want is not None and file_sha256(self.weights_path) != want:
+                raise AdapterError(f"{self.weights_path}: sha256 differs from the one recorded in {FTKIT_META} "
+                                   "(the file was changed or corrupted after it was written)")
             try:
                 self._tensors = load_file(str(self.weights_path))
             except Exception as e:  # safetensors raises its own error type for corrupt files

@@ -371,7 +371,7 @@ def plan_merge(base: Path, ckpt: Checkpoint, ad: AdapterFolder, dtype: torch.dty
 def produce(ckpt: Checkpoint, o: OutTensor, chunk_bytes: int = CHUNK_BYTES):
     """Yield the output tensor ``o`` in blocks (rows for merged weights, elements otherwise)."""
     if o.replace is not None:
-        yield o.replace.to(o.dtype)
+        yield _finite(o.replace.to(o.dtype), o)
         return
     info = ckpt.infos[o.source]
     if o.lora is None:
@@ -389,7 +389,15 @@ def produce(ckpt: Checkpoint, o: OutTensor, chunk_bytes: int = CHUNK_BYTES):
         w.addmm_(d.B[r0:r1], d.A, alpha=d.scale)  # W + s B A  (rows r0:r1)
         if d.magnitude is not None:  # DoRA: m / ||W + s B A||_row
             w.mul_((d.magnitude[r0:r1] / torch.linalg.norm(w, dim=1)).unsqueeze(1))
-        yield w.to(o.dtype)
+        yield _finite(w.to(o.dtype), o)
+
+
+def _finite(t: torch.Tensor, o) -> torch.Tensor:
+    """``t``, or MergeError when the adapter made it non-finite (a diverged run is never merged)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise MergeError(f"{o.name}: the merged tensor has non-finite values (the adapter holds NaN/inf); nothing "
+                         "written")
+    return t
 
 
 def shard_plan(plan: list[OutTensor], max_bytes: int | None) -> list[list[OutTensor]]:
@@ -409,6 +417,23 @@ def shard_plan(plan: list[OutTensor], max_bytes: int | None) -> list[list[OutTen
 
 
 # ----------------------------------------------------------------------------- verification
+
+def human_bytes(n: float) -> str:
+    """``7.8 MB``, ``512 kB``, ``14.2 GB``: three significant digits in the unit that shows them."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def verification_text(rep) -> str:
+    """The quantity verification compares with the tolerance, the tolerance, and the verdict, in one line:
+    ``scaled = max |merged - (base + adapter)| / max(1, max |output|)`` over the probe batch's outputs."""
+    ok = rep.max_scaled_diff <= rep.tolerance
+    return (f"max scaled diff {rep.max_scaled_diff:.3e} {'<=' if ok else '>'} tolerance {rep.tolerance:.1e} "
+            f"(|merged - (base + adapter)| / max(1, |output|) on a probe batch; max abs diff {rep.max_diff:.3e}): "
+            f"{'ok' if ok else 'FAILED'}")
+
 
 def probe_batch(cfg, seed: int = 0):
     """A small packed batch with every token kind: text (CE), a ViT image, a clean and a noisy VAE image.
@@ -494,6 +519,15 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
+def require_free_space(out: Path, need: int) -> None:
+    """Refuse (ENOSPC, naming ``out`` and both sizes in a unit that shows them) a write of ``need`` bytes
+    that the filesystem holding ``out`` cannot take."""
+    free = free_bytes(out.parent)
+    if need > free:
+        raise OSError(errno.ENOSPC, f"{out}: not enough disk space: the merged folder needs {human_bytes(need)}, "
+                                    f"{human_bytes(free)} free")
+
+
 def card_adapter_rows(ad: AdapterFolder, rep: MergeReport) -> list[str]:
     """Model-card table rows describing the adapter (shared by the BAGEL and FoX merges)."""
     cfg, fp = ad.cfg, ad.fingerprint
@@ -533,8 +567,7 @@ def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: MergeReport, 
         lines.append(f"| experts | three (the `_moe_sem` expert, {rep.upcycled} tensors, starts from the understanding "
                      "expert and carries its trained adapter) |")
     if rep.max_diff is not None:
-        lines.append(f"| verification | max abs diff {rep.max_diff:.3e} vs base + adapter on a probe batch "
-                     f"(tolerance {rep.tolerance:.0e}) |")
+        lines.append(f"| verification | {verification_text(rep)} |")
     lines += card_extra_rows(extra)
     lines += ["", "## Loading", "",
               "ftkit: `ftkit.models.loading.load_bagel(PATH)` or `ftkit generate --model PATH` "
@@ -546,7 +579,7 @@ def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: MergeReport, 
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torch.dtype | str = torch.bfloat16,
-          max_shard_size: int | str | None = "5GB", overwrite: bool = False, verify: bool = True,
+          max_shard_size: int | str | None = None, overwrite: bool = False, verify: bool = True,
           tolerance: float | None = None, progress: bool = False) -> MergeReport:
     """Merge ``adapter`` into the BAGEL release folder ``base`` and write a release folder ``out``.
 
@@ -593,8 +626,6 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
         raise FileNotFoundError(f"{base}: missing {', '.join(absent)} (not a BAGEL release folder)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: output folder exists (pass overwrite=True / --overwrite)")
-    if out.resolve() in (base.resolve(), adapter.resolve()):
-        raise MergeError(f"{out}: the output folder must differ from the base and the adapter folders")
     ad = AdapterFolder(adapter)
     with Checkpoint(base) as ckpt:
         plan, stats = plan_merge(base, ckpt, ad, dtype)
@@ -605,16 +636,13 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
                                                for i in range(len(shards))]
         copies = [f for f in OPTIONAL_FILES if (base / f).is_file()] + list(CONFIG_FILES)
         need = total + sum((base / f).stat().st_size for f in copies) + (1 << 20) * len(shards)
-        free = free_bytes(out.parent)
-        if need > free:
-            raise OSError(errno.ENOSPC, f"{out}: not enough disk space: the merged folder needs {need / 1e9:.2f} GB, "
-                                        f"{free / 1e9:.2f} GB free")
+        require_free_space(out, need)
         rep = MergeReport(out=out, files=[], tensors=len(plan), merged=stats["merged"], replaced=stats["replaced"],
                           upcycled=stats["upcycled"], total_bytes=total, sharded=sharded, method=stats["method"])
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), unit="tensor", desc="merge", disable=not progress)
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, inputs=(base, adapter), model_folder=True) as tmp:
             try:
                 for fname, shard in zip(names, shards):
                     w = StreamingSafetensorsWriter(tmp / fname, [(o.name, o.dtype, o.shape) for o in shard],

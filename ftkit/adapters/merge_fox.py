@@ -38,7 +38,6 @@ written into a temporary sibling folder and renamed to ``out`` only after verifi
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -58,10 +57,11 @@ from ftkit.adapters.merge import (
     MergeReport,
     card_adapter_rows,
     card_extra_rows,
-    free_bytes,
     merge_into_model,
     probe_batch,
+    require_free_space,
     run_probe,
+    verification_text,
 )
 from ftkit.models.fox import unique_tensors
 
@@ -196,8 +196,7 @@ def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: FoxMergeRepor
     if rep.untied_other:
         lines.append(f"| untied weights | {', '.join(rep.untied_other)} |")
     if rep.max_diff is not None:
-        lines.append(f"| verification | max abs diff {rep.max_diff:.3e} vs base + adapter on a probe batch "
-                     f"(tolerance {rep.tolerance:.0e}, scaled diff {rep.max_scaled_diff:.3e}) |")
+        lines.append(f"| verification | {verification_text(rep)} |")
     lines += card_extra_rows(extra)
     lines += ["", "## Loading", "",
               "`ftkit.models.fox.load_fox(PATH)` (pass `quantize=\"nf4\"` for QLoRA on top) and "
@@ -269,8 +268,6 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: output folder exists (pass overwrite=True / --overwrite)")
-    if out.resolve() in (base.resolve(), adapter.resolve()):
-        raise MergeError(f"{out}: the output folder must differ from the base and the adapter folders")
     ad = AdapterFolder(adapter)  # missing / malformed adapter files fail here, before the base is read
     vae_src = base / str(raw.get("vae", "vae"))
 
@@ -313,14 +310,15 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
                          fox_mode_in=str(raw.get("fox_mode", "copy")), fox_mode_out=meta["fox_mode"],
                          untied_experts=untied, shared_experts=pairs, untied_other=other)
     del model
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise MergeError(f"{out}: merged tensor {bad[0]} has non-finite values (the adapter holds NaN/inf; "
+                         f"{len(bad)} tensor(s) in all); nothing written")
     need = total + _dir_bytes(vae_src) + (4 << 20)
-    free = free_bytes(out.parent)
-    if need > free:
-        raise OSError(errno.ENOSPC, f"{out}: not enough disk space: the merged folder needs {need / 1e9:.2f} GB, "
-                                    f"{free / 1e9:.2f} GB free")
+    require_free_space(out, need)
     from safetensors.torch import save_file
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=(base, adapter), model_folder=True) as tmp:
         try:
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "model_type": FOX_MODEL_TYPE})
             del tensors

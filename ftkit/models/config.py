@@ -120,8 +120,11 @@ class ViTConfig:
             raise ValueError(f"{path}: hidden_act {kw['hidden_act']!r} not supported")
         return cls(**kw)
 
-    def to_hf_dict(self, *, add_dropped_layer: bool = True) -> dict:
-        return {
+    def to_hf_dict(self, *, add_dropped_layer: bool = True, image_size: int | None = None) -> dict:
+        """transformers SigLIP vision config. ``image_size`` (patch size x patches per side) sizes upstream's
+        position table: without it upstream's SigLIP defaults to 224 px, so a release writes it."""
+        extra = {} if image_size is None else {"image_size": image_size}
+        return {**extra,
             "model_type": "siglip_vision_model", "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers + (1 if add_dropped_layer else 0),

@@ -31,32 +31,150 @@ class atomic_dir:
     """``with atomic_dir(out, overwrite) as tmp:`` write into ``tmp``; renamed to ``out`` on success.
 
     Refuses an existing ``out`` unless ``overwrite``; on error the temporary folder is removed and
-    nothing is left under the final name.
+    nothing is left under the final name. With ``inputs`` (the folders being read, e.g. a merge's base and
+    adapter) an ``out`` that is, contains or lies inside an input is refused. With ``model_folder=True``
+    an existing ``out`` is replaced only when it is itself a model folder (never a folder of other files).
+    A lock file ``.<name>.lock`` beside ``out`` (created exclusively, holding the pid) refuses a second
+    writer of the same ``out`` while the first runs; a lock left by a dead process is taken over.
     """
 
-    def __init__(self, out: str | Path, overwrite: bool = False):
+    def __init__(self, out: str | Path, overwrite: bool = False, *, inputs: tuple = (), model_folder: bool = False):
         self.out = Path(out)
         self.overwrite = overwrite
+        self.inputs = tuple(Path(p) for p in inputs)
+        self.model_folder = model_folder
+        self.lock: Path | None = None
+
+    def _check(self) -> None:
+        from ftkit.errors import FtkitError
+
+        out = self.out.resolve()
+        for src in self.inputs:
+            src = src.resolve()
+            if out == src or out in src.parents or src in out.parents:
+                rel = "is" if out == src else ("contains" if out in src.parents else "is inside")
+                raise FtkitError(f"{self.out}: the output folder {rel} the input {src}; choose an output folder "
+                                 "outside every input")
+        if self.out.exists():
+            if not self.overwrite:
+                raise FileExistsError(f"{self.out}: output folder exists (pass overwrite=True / --overwrite)")
+            if self.model_folder:
+                from ftkit.models.folders import detect_model_folder
+
+                try:
+                    detect_model_folder(self.out)
+                except (OSError, ValueError) as e:
+                    raise FtkitError(f"{self.out}: --overwrite replaces only a model folder, and this is not one "
+                                     f"({e}); nothing was deleted") from e
+
+    def _take_lock(self) -> None:
+        from ftkit.errors import FtkitError
+
+        self.lock = self.out.with_name(f".{self.out.name}.lock")
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    self.lock = None
+                    raise FtkitError(f"{self.out}: another process (pid {pid}) is writing this folder; lock "
+                                     f"{self.out.with_name(f'.{self.out.name}.lock')}") from None
+                self.lock.unlink(missing_ok=True)  # left by a dead process
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return
+        raise FtkitError(f"{self.lock}: could not take the lock")
 
     def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out}: output folder exists (pass overwrite=True / --overwrite)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._take_lock()
+        try:
+            self._check()
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except BaseException:
+            self._release()
+            raise
         return self.tmp
 
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.unlink(missing_ok=True)
+            self.lock = None
+
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            _fsync_tree(self.tmp)  # the files' bytes are on disk before the name says they are complete
+            if self.out.exists():
+                old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+                os.replace(self.out, old)
+                os.replace(self.tmp, self.out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.out)
+            _fsync_dir(self.out.parent)
             return False
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        finally:
+            self._release()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Write ``tokenizer`` the way a Qwen2 release does, so that every transformers version loads it.
+
+    ``tokenizer.json`` (fast, transformers >= 4) plus, for a byte-level BPE, ``vocab.json`` + ``merges.txt``
+    and a Qwen2-style ``tokenizer_config.json`` (``tokenizer_class: Qwen2Tokenizer``, special tokens in
+    ``added_tokens_decoder``): what upstream BAGEL's pinned transformers 4.49 reads with
+    ``Qwen2Tokenizer.from_pretrained``.
+    """
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return
+    backend.model.save(str(folder))  # vocab.json + merges.txt
+    added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                      "single_word": t.single_word, "special": t.special}
+             for i, t in sorted(tokenizer.added_tokens_decoder.items())}
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    cfg = {"add_prefix_space": False, "added_tokens_decoder": added,
+           "additional_special_tokens": [t for t in specials if t not in (tokenizer.pad_token, )],
+           "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tokenizer.eos_token,
+           "errors": "replace", "model_max_length": 32768, "pad_token": tokenizer.pad_token,
+           "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
 def ae_state_dict_flux(ae: FluxAE) -> dict[str, torch.Tensor]:
@@ -80,7 +198,8 @@ def save_bagel(model: BagelModel, out_dir: str | Path, *, tokenizer_dir: str | P
     cfg = model.cfg
     with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / "llm_config.json").write_text(json.dumps(cfg.llm.to_hf_dict(), indent=2))
-        (tmp / "vit_config.json").write_text(json.dumps(cfg.vit.to_hf_dict(add_dropped_layer=True), indent=2))
+        (tmp / "vit_config.json").write_text(json.dumps(cfg.vit.to_hf_dict(
+            add_dropped_layer=True, image_size=cfg.vit_max_num_patch_per_side * cfg.vit.patch_size), indent=2))
         sd = state_dict if state_dict is not None else model.release_state_dict()
         sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
         save_file(sd, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
@@ -89,7 +208,7 @@ def save_bagel(model: BagelModel, out_dir: str | Path, *, tokenizer_dir: str | P
             if model.vae.config.to_dict() != AEConfig.flux().to_dict():
                 (tmp / "ae_config.json").write_text(json.dumps(model.vae.config.to_dict(), indent=2))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
         elif tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():

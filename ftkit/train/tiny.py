@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("ftkit")
+# Qwen2's pre-tokenization pattern (its tokenizer.json / Qwen2Tokenizer): contractions, letters, single digits
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
 
 
@@ -38,12 +40,15 @@ def corpus_texts(records_path: str | Path) -> Iterable[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
-    """Byte-level BPE with Qwen2's chat/vision special tokens, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE with Qwen2's pre-tokenizer (NFC, Qwen2's split pattern) and chat/vision special tokens,
+    as a transformers fast tokenizer; saved with vocab.json + merges.txt it loads as ``Qwen2Tokenizer``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
