@@ -181,3 +181,22 @@ def test_free_space_units_show_the_difference():
     assert human_bytes(7.8e6) == "7.8 MB" and human_bytes(5e6) == "5 MB"
     assert human_bytes(14.2e9) == "14.2 GB" and human_bytes(512) == "512 B"
     assert os.path.exists(os.sep)
+
+
+def test_estimate_prices_each_recipes_own_model_and_takes_overrides(release, capsys):
+    from ftkit.cli import main
+
+    def total(*argv):
+        assert main(["estimate", *argv, "--json"]) in (0, 1)
+        return json.loads(capsys.readouterr().out)
+
+    fox, bagel = total("fox-mcot"), total("bagel-mcot")
+    assert fox["experts"] == 3 and "Qwen2-0.5B" in fox["source"] and fox["weights_gb"] < 5 < bagel["weights_gb"]
+    small = total("bagel-mcot", "--data.token_budget", "1024")
+    assert small["tokens"] == 1024 and small["activations_gb"] < bagel["activations_gb"]
+    folder, _, _ = release
+    own = total("bagel-mcot", f"--model.model_path={folder}")
+    assert own["source"] == str(folder) and own["weights_gb"] < 0.01
+    assert main(["estimate", "no-such-recipe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-recipe" in err[0] and "known:" in err[0]

@@ -1,7 +1,8 @@
 """``ftkit estimate RECIPE``: pre-flight memory estimate before any weight is loaded.
 
-Counts, from the configs alone (llm_config.json / vit_config.json of the model folder, or the
-BAGEL-7B defaults when the folder is absent):
+Counts, from the configs alone (the model folder's configs: BAGEL release, sharded or FoX folder; when
+the folder is absent, the published shapes of the recipe's backbone: BAGEL-7B-MoT, or for FoX Qwen2-0.5B
++ SigLIP so400m). Takes the same ``--section.key value`` overrides as ``ftkit fit``:
 
 * weights by dtype: decoder Linear layers of every expert (bf16: 2 B/param; nf4: 0.5 B/param + one
   fp32 absmax per 64 weights, double-quantised ~0.127 bit/param; int8: 1 B/param), the rest (embeddings,
@@ -30,17 +31,27 @@ BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2}
 GB = 2**30
 
 
+# Qwen2-0.5B (the FoX recipe's source decoder): hidden 896, 24 layers, 14 heads, 2 KV heads, tied embeddings
+QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936)
+
+
 def _configs(model: dict) -> tuple[LLMConfig, ViTConfig, int, str]:
     path = Path(model.get("model_path", ""))
     tiny = model.get("tiny")
-    if (path / "llm_config.json").is_file():
-        vae = 84_000_000
-        if (path / "ae.safetensors").is_file():  # count the real autoencoder from its header
-            from safetensors import safe_open
+    if path.is_dir() and any((path / f).is_file() for f in ("llm_config.json", "config.json")):
+        from ftkit.models.folders import read_model_config
 
-            with safe_open(str(path / "ae.safetensors"), "pt") as f:
-                vae = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-        return LLMConfig.from_json(path / "llm_config.json"), ViTConfig.from_json(path / "vit_config.json"), vae, str(path)
+        cfg = read_model_config(path)
+        vae = 84_000_000
+        for ae in (path / "ae.safetensors", path / "vae" / "diffusion_pytorch_model.safetensors"):
+            if ae.is_file():  # count the real autoencoder from its header
+                from safetensors import safe_open
+
+                with safe_open(str(ae), "pt") as f:
+                    vae = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+                break
+        return cfg.llm, cfg.vit, vae, str(path)
     if tiny is not None:
         t = dict(tiny)
         llm = LLMConfig(hidden_size=t.get("hidden", 128), intermediate_size=t.get("intermediate", 256),
@@ -49,6 +60,9 @@ def _configs(model: dict) -> tuple[LLMConfig, ViTConfig, int, str]:
         vit = ViTConfig(hidden_size=t.get("vit_hidden", 64), intermediate_size=t.get("vit_intermediate", 128),
                         num_hidden_layers=t.get("vit_layers", 2), num_attention_heads=t.get("vit_heads", 2))
         return llm, vit, 1_000_000, "tiny (built on first run)"
+    if model.get("backbone") == "fox":
+        return (LLMConfig(**QWEN2_05B, tie_word_embeddings=True), ViTConfig(), 84_000_000,
+                "FoX from Qwen2-0.5B + SigLIP so400m (published shapes; folder not found)")
     return LLMConfig(), ViTConfig(), 84_000_000, "BAGEL-7B-MoT defaults (folder not found)"
 
 
@@ -62,7 +76,7 @@ def estimate(cfg: dict) -> dict:
     kv = llm.num_key_value_heads * llm.head_dim
     lin_shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, Im), (H, Im), (Im, H)]  # q k v o gate up down (in, out)
     lin_params = sum(i * o for i, o in lin_shapes) * Lyr * experts
-    other_llm = 2 * V * H + Lyr * experts * (2 * H + 2 * llm.head_dim)
+    other_llm = (1 if llm.tie_word_embeddings else 2) * V * H + Lyr * experts * (2 * H + 2 * llm.head_dim)
     vit_params = vit.num_hidden_layers * (4 * vit.hidden_size**2 + 2 * vit.hidden_size * vit.intermediate_size) \
         + 588 * vit.hidden_size
     conn = vit.hidden_size * H + H * H + 2 * 64 * H + 256 * H + H * H
@@ -92,13 +106,45 @@ def estimate(cfg: dict) -> dict:
             "gradient_checkpointing": ckpt}
 
 
+def apply_overrides(cfg: dict, args: list[str]) -> dict:
+    """``--model.model_path X --data.token_budget 8192`` (or ``--a.b=X``) into ``cfg``; values parsed as YAML."""
+    import yaml
+
+    from ftkit.train.recipe import RecipeError
+
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise RecipeError(f"override {arg!r}: expected --section.key VALUE (e.g. --data.token_budget 8192)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise RecipeError(f"override {arg}: missing value")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override --{key}: {k} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
 def estimate_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="ftkit estimate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="ftkit estimate", description=__doc__.splitlines()[0],
+                                 epilog="any other --section.key VALUE overrides the recipe, as with ftkit fit "
+                                        "(e.g. --model.model_path /data/BAGEL-7B-MoT --data.token_budget 8192)")
     ap.add_argument("recipe")
     ap.add_argument("--device-memory", type=float, default=None, help="GB available (default: the CUDA GPU's)")
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(argv)
+    a, rest = ap.parse_known_args(argv)
     cfg, _ = split_ftkit(compose(find_recipe(a.recipe)))
+    apply_overrides(cfg, rest)
     e = estimate(cfg)
     mem = a.device_memory
     if mem is None:
