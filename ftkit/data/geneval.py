@@ -387,12 +387,36 @@ def _check_meta(meta: Mapping) -> None:
                     raise ValueError(f"meta.include[{i}].position: index {pos[1]} must name an earlier entry")
 
 
+@dataclass
+class Judgement:
+    """:func:`judge_image`'s verdict: ``passed``, ``reason`` (violated rules, one per line), every
+    detection, the detections that broke a rule (wrong colour, wrong place, one too many) and the
+    classes of objects that were asked for and not found."""
+
+    passed: bool
+    reason: str
+    detections: list[Detection]
+    failed: list[Detection]
+    missing: list[str]
+
+
 def evaluate_image(
     image: Image.Image | np.ndarray,
     meta: Mapping,
     detector: Detector | None = None,
     color_fn: Callable[[np.ndarray, Detection], str] | None = None,
 ) -> tuple[bool, str]:
+    """``(passed, reason)`` of :func:`judge_image`."""
+    j = judge_image(image, meta, detector, color_fn)
+    return j.passed, j.reason
+
+
+def judge_image(
+    image: Image.Image | np.ndarray,
+    meta: Mapping,
+    detector: Detector | None = None,
+    color_fn: Callable[[np.ndarray, Detection], str] | None = None,
+) -> Judgement:
     """Decide whether ``image`` satisfies the prompt metadata ``meta`` by GenEval's rules.
 
     Args:
@@ -402,7 +426,7 @@ def evaluate_image(
         color_fn: colour of a detection whose ``color`` is None (needed only then).
 
     Returns:
-        ``(passed, reason)``: ``reason`` lists every violated rule, one per line ("" when passed).
+        a :class:`Judgement` (``reason`` lists every violated rule, one per line, "" when passed).
 
     Raises:
         ValueError: malformed ``meta`` (names the field) or image; a detection without colour for a
@@ -422,7 +446,7 @@ def evaluate_image(
             raise ValueError(f"detection {d} has no colour and no color_fn was given")
         return color_fn(arr, d)
 
-    correct, reasons, groups = True, [], []
+    correct, reasons, groups, failed, missing = True, [], [], [], []
     for req in meta["include"]:
         cls, n = req["class"], req["count"]
         found = objects.get(cls, [])[:n]
@@ -430,12 +454,14 @@ def evaluate_image(
         if len(found) < n:
             matched = False
             reasons.append(f"expected {cls}>={n}, found {len(found)}")
+            missing += [cls] * (n - len(found))
         else:
             if req.get("color") is not None:
                 colors = [color_of(d) for d in found]
                 k = colors.count(req["color"])
                 if k < n:
                     matched = False
+                    failed += [d for d, c in zip(found, colors) if c != req["color"]]
                     others = ", ".join(f"{colors.count(c)} {c}" for c in sorted(set(colors)))
                     reasons.append(
                         f"expected {req['color']} {cls}>={n}, found {k} {req['color']}; and {others}"
@@ -445,12 +471,14 @@ def evaluate_image(
                 if groups[j] is None:
                     matched = False
                     reasons.append(f"no target for {cls} to be {rel}")
+                    missing.append(meta["include"][j]["class"])
                 else:
                     for d in found:
                         for t in groups[j]:
                             true_rels = relative_position(d.box, t.box)
                             if rel not in true_rels:
                                 matched = False
+                                failed.append(d)
                                 reasons.append(
                                     f"expected {cls} {rel} target, found {' and '.join(sorted(true_rels)) or 'no relation to'} target"
                                 )
@@ -464,7 +492,8 @@ def evaluate_image(
         if len(objects.get(cls, [])) >= n:
             correct = False
             reasons.append(f"expected {cls}<{n}, found {len(objects[cls])}")
-    return correct, "\n".join(reasons)
+            failed += objects[cls][n - 1 :]
+    return Judgement(bool(correct), "\n".join(reasons), list(dets), failed, missing)
 
 
 def _record_image(rec: Mapping, which: str, root: Path, where: str) -> Path:
