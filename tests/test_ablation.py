@@ -220,3 +220,20 @@ def _open(path):
 
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def test_eval_shapes_ablation_cli(fixture_dir, tmp_path, capsys):
+    from ftkit.infer.cli import eval_main
+
+    _, folder = ablation_records(3, seed=1011, size=32, cache_dir=tmp_path / "cache")
+    out = tmp_path / "abl"
+    rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--size", "32",
+                    "--steps", "3", "--max-new-tokens", "4", "--batch", "2", "--out", str(out),
+                    "--ablation-modes", "t2i", "t2i-twice", "plan-act", "mcot"])
+    assert rc == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["n"] == 3 and res["modes"] == ["t2i", "t2i-twice", "plan-act", "mcot"] and res["data"] == str(folder)
+    assert "| mcot |" in capsys.readouterr().out and (out / "ablation.md").is_file()
+    rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--batch", "0",
+                    "--out", str(tmp_path / "bad")])
+    assert rc == 1 and "batch_size" in capsys.readouterr().err
