@@ -95,12 +95,13 @@ def test_batched_equals_unbatched(mt):
     z = _noise(model, 1, seed=2)[0]
     keep = [None, (z, region_token_mask([[100, 100, 600, 900]], (gh, gw))), None]
     kw = dict(hw=HW, num_timesteps=4)
-    batched = generate_images(model, [g.cond for g in gcs], [g.uncond_text for g in gcs],
-                              [g.uncond_img for g in gcs], init_noise=eps, keep=keep, **kw)
+    runs = [generate_images(model, [g.cond for g in gcs], [g.uncond_text for g in gcs], [g.uncond_img for g in gcs],
+                            init_noise=eps, keep=keep, packed=packed, **kw) for packed in (True, 2)]
     for j, g in enumerate(gcs):
         (one,) = generate_images(model, [g.cond], [g.uncond_text], [g.uncond_img], init_noise=[eps[j]],
                                  keep=[keep[j]], **kw)
-        torch.testing.assert_close(batched[j], one, rtol=1e-5, atol=1e-5)
+        for batched in runs:
+            torch.testing.assert_close(batched[j], one, rtol=1e-5, atol=1e-5)
 
     texts = generate_texts([g.cond for g in gcs], 6, return_logits=True)
     for g, t in zip(gcs, texts):

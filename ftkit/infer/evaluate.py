@@ -409,7 +409,8 @@ class _Batch:
 def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = ABLATION_MODES,
                  batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None, seed: int = 0,
                  detector: Detector | None = None, color_fn=None, out_dir: str | os.PathLike | None = None,
-                 n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24) -> dict:
+                 n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24,
+                 pack_tokens: int = 256) -> dict:
     """FoX's ablation on the same prompts, batched (``batch_size`` prompts per sampler / decoder call).
 
     Modes (record ``i`` draws its starting noises ``eps1, eps2`` from ``Generator(seed + i)``, shared by
@@ -433,6 +434,11 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     the draft passes); IoU of the union of flagged region boxes with the union of the boxes of the
     detections that broke a rule plus the model's own plan boxes of objects the evaluator found missing
     (drafts that fail, are flagged, and have both).
+
+    Batching: the contexts of a batch are prefilled separately (any lengths); each sampler step packs
+    their query blocks (image tokens + markers, all guidance branches) about ``pack_tokens`` tokens per
+    decoder call over the concatenated caches with a block-diagonal mask (``generate_images(packed=k)``);
+    plans and reflections are decoded for the whole batch at once (:func:`~ftkit.infer.sampler.generate_texts`).
 
     Returns the result dict (also ``ablation.json`` / ``ablation.md`` / ``sheets/`` / ``images/`` under
     ``out_dir``). Raises ValueError for an unknown mode, no records, a bad record or size.
@@ -470,6 +476,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
             (out / "images" / m).mkdir(parents=True, exist_ok=True)
         (out / "sheets").mkdir(parents=True, exist_ok=True)
     skw = sampler.kwargs()
+    pack = max(1, round(pack_tokens / (N + 2)))
 
     def judge(image, meta, where):
         try:
@@ -479,7 +486,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
 
     def sample(gcs, eps, keep=None, plain=False):
         lat = generate_images(model, [g.cond for g in gcs], None if plain else [g.uncond_text for g in gcs],
-                              None if plain else [g.uncond_img for g in gcs], hw=hw, init_noise=eps, keep=keep, **skw)
+                              None if plain else [g.uncond_img for g in gcs], hw=hw, init_noise=eps, keep=keep,
+                              packed=pack, **skw)
         return lat, [decode_image(model, z, hw) for z in lat]
 
     def user(prompts):
@@ -622,7 +630,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         "reflection": reflection, "seconds_per_prompt": per_prompt,
         "stage_seconds": {s: round(v, 3) for s, v in secs.items() if s in need},
         "adapter_attached": adapted,
-        "settings": {"batch_size": batch_size, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
+        "settings": {"batch_size": batch_size, "pack": pack, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
                      "sampler": {**skw, "cfg_interval": list(sampler.cfg_interval)},
                      "text": {"max_plan_tokens": ts.max_plan_tokens, "max_reflect_tokens": ts.max_reflect_tokens}},
         "detector": type(detector if detector is not None else default_detector()).__name__,

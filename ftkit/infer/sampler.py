@@ -147,7 +147,7 @@ def generate_images(
     init_noise: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[int, float, list[torch.Tensor]], None] | None = None,
-    packed: bool = True,
+    packed: bool | int = True,
     keep: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> list[torch.Tensor]:
     """Sample one image per conditioning context, all of size ``hw`` = (H, W) pixels, batched: every
@@ -165,7 +165,9 @@ def generate_images(
         callback: ``callback(step, t, x_list)`` after each step.
         packed: run all prompts and branches of a step in one decoder call (block-diagonal mask over
             their concatenated caches; best for small images / many prompts); ``False`` runs one call
-            per branch (attention cost stays per branch; better for large images).
+            per branch (attention cost stays per branch; better for large images); an int ``k`` packs the
+            branches ``k`` at a time (the block-diagonal mask's attention grows with the square of the
+            tokens packed, the per-call overhead falls with the number of calls: ``k`` balances the two).
         keep: per image ``None`` or ``(z, mask)``: inpaint (module docstring): ``z`` ``[N, p*p*C]`` latent
             tokens to keep, ``mask`` ``[N]`` bool, True where the image is regenerated; outside the mask
             the state is ``(1 - t) z + t eps`` at every step (and ``z`` exactly at the end).
@@ -216,15 +218,23 @@ def generate_images(
     use_img = cfg_img_scale > 1.0 and any(u is not None for u in uncond_imgs)
     img_rows = [j for j in range(B) if uncond_imgs[j] is not None] if use_img else []
     all_ctxs = list(conds) + uncond_texts + [uncond_imgs[j] for j in img_rows]
-    merged: dict[bool, MergedCache] = {}  # caches concatenated once per branch set, reused every step
+    merged: dict = {}  # caches concatenated once per branch set (and pack chunk), reused every step
     for i in range(num_timesteps - 1):
         t, dt = ts[i], ts[i] - ts[i + 1]
         guided = cfg_text_scale > 1.0 and lo < float(t) <= hi
         ctxs = all_ctxs if guided else list(conds)
         xq = xs + xs + [xs[j] for j in img_rows] if guided else list(xs)
-        if packed and guided not in merged:
-            merged[guided] = merge_caches([c.cache for c in ctxs])
-        vs = velocities(ctxs, xq, t, [hw] * len(ctxs), merged=merged.get(guided), packed=packed)
+        if packed is True or packed is False:
+            if packed and guided not in merged:
+                merged[guided] = merge_caches([c.cache for c in ctxs])
+            vs = velocities(ctxs, xq, t, [hw] * len(ctxs), merged=merged.get(guided), packed=packed)
+        else:
+            k = max(1, int(packed))
+            chunks = [range(a, min(len(ctxs), a + k)) for a in range(0, len(ctxs), k)]
+            if guided not in merged:
+                merged[guided] = [merge_caches([ctxs[c].cache for c in ch]) for ch in chunks]
+            vs = [v for ch, m in zip(chunks, merged[guided])
+                  for v in velocities([ctxs[c] for c in ch], [xq[c] for c in ch], t, [hw] * len(ch), merged=m)]
         new = []
         for j in range(B):
             v = vs[j]
