@@ -421,6 +421,7 @@ examples:
   ftkit eval shapes --model models/bagel-tiny --adapter runs/tiny-mcot/latest/adapter --out out/eval
   ftkit eval shapes --model models/bagel-mcot-merged --n 60 --steps 30 --out out/eval60
   ftkit eval shapes --model M --out O --detector mypkg.geneval_det:make_detector   # GenEval's own detector
+  ftkit eval shapes --ablation --model M --adapter A --steps 10 --out out/ablation   # FoX's ablation, 600 prompts
 Writes results.json (per prompt pass/fail + reason for direct T2I and MCoT, per-category scores),
 results.md (table: rows direct / mcot, GenEval's six categories + overall), images/, traces/ and
 failures/ (contact sheets of the prompts either mode failed)."""

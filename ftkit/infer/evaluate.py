@@ -27,6 +27,14 @@ and returns ``color=None``; pass GenEval's CLIP ViT-L/14 colour classifier of th
 the command line: ``ftkit eval shapes --detector package.module:factory`` (the factory's object is
 used as ``detector``, and its ``color`` method, when it has one, as ``color_fn``).
 
+Ablation (:func:`run_ablation`, ``ftkit eval shapes --ablation``): FoX's modes ``base``, ``t2i``,
+``t2i-twice``, ``plan-act``, ``mcot`` (verdict-gated correction by inpainting the flagged regions) and
+``mcot-regen`` on the same prompts, batched through the sampler, with paired bootstrap intervals of the
+differences, reflection quality and seconds per prompt. Its prompts are a held-out split: seed
+:data:`ABLATION_SEED` = 1011 (training data uses seed 0, the shipped ``shapes-eval`` seed 1), 600 records,
+generated on demand by :func:`ablation_records` -- the same records as
+``ftkit data shapes --out DIR --n 600 --seed 1011``. The detector was developed on seed 2022, never on these.
+
 Files (when ``out_dir`` is given): ``images/STEM_direct.png``, ``traces/STEM*`` (the MCoT trace as
 written by :meth:`~ftkit.infer.mcot.Trace.save`, including its contact sheet), ``failures/STEM.png``
 (for every prompt that either mode failed: the MCoT contact sheet above a row with the direct image,
