@@ -49,6 +49,7 @@ from ftkit.models.loading import load_bagel, load_tokenizer  # noqa: E402
 from ftkit.train.tiny import ensure_tiny_bagel  # noqa: E402
 
 SECTION = "## Shapes ablation and evaluator (CPU)"
+NOTE = ("Notes: one thread per process (`OMP_NUM_THREADS=1`, 2 cores shared by 8 jobs), so the projections are upper bounds for this CPU, not measurements of a quiet one. The 600-prompt x 5-mode target (<= 20 min) is met at 16 image tokens and projected at ~32 min at 64 tokens under this load; not measured on a full 600-prompt run. Batching gains 1.2-1.9x per mode here: the tiny decoder is overhead-bound (~30 ms per decoder call whatever its size), and packing many query blocks into one call makes the block-diagonal SDPA waste grow with the square of the tokens packed, so the sampler packs ~256 tokens per call (`generate_images(packed=k)`). What is left: context images (t2i-twice's first image, mcot's draft) are VAE/ViT-encoded and prefilled one prompt at a time (the `twice` and `reflect` stages), and t2i-twice's text-CFG branch equals its conditional branch (no text since the image) but is still computed.")
 
 
 def bench_detector() -> dict:
@@ -129,7 +130,7 @@ def main() -> None:
     lines += ["", "Seconds per prompt per mode (shared stages counted in each mode that needs them). Before "
               "batching, `ftkit eval shapes` (direct + 2-round mcot, one prompt at a time): "
               + ", ".join(f"{r['size']} px {r['old_per_prompt']:.2f} s/prompt" for r in runs)
-              + f". Decoder parameters: {runs[0]['decoder_params'] / 1e6:.2f} M."]
+              + f". Decoder parameters: {runs[0]['decoder_params'] / 1e6:.2f} M.", "", NOTE]
     print("\n".join(lines))
     if not a.no_write:
         write_section(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", SECTION, "\n".join(lines))

@@ -143,7 +143,7 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
     records, folder = ablation_records(4, seed=1011, size=32, cache_dir=tmp_path / "cache")
     assert (folder / "records.jsonl").is_file() and len(records) == 4
     assert ablation_records(4, seed=1011, size=32, cache_dir=tmp_path / "cache")[0] == records  # cached
-    plans = ["a shape\n<box>red circle [100,100,400,400]</box>"] * 4
+    plans = ["a shape\n<box>circle square triangle cross ring [100,100,400,400]</box>"] * 4  # any missing class
     refls = [
         "<verdict>ok</verdict>",
         "<verdict>revise</verdict>\nwrong colour\n<region>color red circle [0,0,500,500]</region>",
@@ -171,6 +171,10 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
         same = np.array_equal(img["mcot"][k], img["plan-act"][k])
         assert same == (x["verdict"] == "ok")
     assert refl[1]["regions"] == [[0, 0, 500, 500]]
+    # noise: every asked-for object is missing, so the failed area is the plan's box (32 px: 10x10 px)
+    # and the flagged region is 16x16 px around it
+    assert refl[1]["iou"] == pytest.approx(100 / 256) and refl[0]["iou"] is None
+    assert res["reflection"]["region_iou_n"] == 1
     gh, gw = latent_grid(model, HW)
     assert refl[1]["inpainted_tokens"] == int(region_token_mask([[0, 0, 500, 500]], (gh, gw)).sum())
     assert refl[2]["inpainted_tokens"] == gh * gw  # unparseable: the whole image

@@ -390,10 +390,12 @@ def region_token_mask(boxes: Sequence[Sequence[int]], grid: tuple[int, int]) -> 
     return m.flatten()
 
 
-def _box_mask(boxes, hw: tuple[int, int], scale: float) -> np.ndarray:
+def _box_mask(boxes, hw: tuple[int, int]) -> np.ndarray:
+    """Pixel mask of an ``hw`` image covered by boxes ``[x0, y0, x1, y1]`` in [0, 1000]."""
     m = np.zeros(hw, dtype=bool)
+    sy, sx = hw[0] / 1000, hw[1] / 1000
     for x0, y0, x1, y1 in boxes:
-        m[int(round(y0 * scale)):int(round(y1 * scale)), int(round(x0 * scale)):int(round(x1 * scale))] = True
+        m[int(round(y0 * sy)):int(round(y1 * sy)), int(round(x0 * sx)):int(round(x1 * sx))] = True
     return m
 
 
@@ -594,16 +596,15 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                 flagged = [list(g.box) for g in r.regions] if r is not None else []
                 iou = None
                 if not dj.passed and verdict == "revise" and flagged:
-                    sc = hw[0] / 1000
                     fail_m = np.zeros(hw, dtype=bool)
                     for d in dj.failed:
                         x0, y0, x1, y1 = d.box
                         fail_m[int(y0):int(y1), int(x0):int(x1)] = True
                     pl = plans[k][1]
                     miss_boxes = [b.box for c in dj.missing for b in (pl.boxes if pl else []) if c in b.label]
-                    fail_m |= _box_mask(miss_boxes, hw, sc)
+                    fail_m |= _box_mask(miss_boxes, hw)
                     if fail_m.any():
-                        iou = _iou(_box_mask(flagged, hw, sc), fail_m)
+                        iou = _iou(_box_mask(flagged, hw), fail_m)
                 row["reflection"] = {"text": rtxt, "parsed": r is not None, "verdict": verdict,
                                      "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                      "corrected": verdict != "ok",
