@@ -53,7 +53,7 @@ import argparse
 import json
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -165,6 +165,17 @@ class ColorShapeDetector:
             than this fraction of the border pixels (resp. of all pixels) lie within ``tolerance`` of the
             background colour, the image is not a scene (noise, clutter) and nothing is detected, so
             texture cannot pass as objects.
+        max_unexplained: largest fraction of pixels that are neither background nor a blend of the
+            background with one palette colour (residual > ``tolerance``); above it, not a scene.
+        max_components: most colour components of at least ``min_area`` a scene may have; a
+            shapes-world scene has at most 6 objects, a texture (stripes, checkers, speckle) has many.
+        min_side: smallest side of an object's box as a fraction of the image side (shapes are drawn
+            with sides >= 0.19 of the image).
+        max_aspect: largest ratio of the longer to the shorter side of an object's box (shapes are
+            drawn in square cells: a stripe is not a square).
+        min_solid: smallest fraction of an object's pixels with full coverage (``a >= 0.8``, see
+            :meth:`segment`); shapes are flat-coloured, so only their rim is blended, while a
+            colour gradient or a blurred blob ramps through its whole area.
     """
 
     def __init__(
@@ -176,6 +187,11 @@ class ColorShapeDetector:
         min_iou: float = 0.6,
         min_border_agreement: float = 0.8,
         min_background: float = 0.35,
+        max_unexplained: float = 0.1,
+        max_components: int = 6,
+        min_side: float = 0.1,
+        max_aspect: float = 1.5,
+        min_solid: float = 0.5,
     ):
         from ftkit.data import shapes
 
@@ -186,6 +202,8 @@ class ColorShapeDetector:
         self._mask = shapes.shape_mask
         self.tolerance, self.min_area, self.min_iou = float(tolerance), float(min_area), float(min_iou)
         self.min_border_agreement, self.min_background = float(min_border_agreement), float(min_background)
+        self.max_unexplained, self.max_components = float(max_unexplained), int(max_components)
+        self.min_side, self.max_aspect, self.min_solid = float(min_side), float(max_aspect), float(min_solid)
 
     def is_scene(self, image: np.ndarray) -> bool:
         """Plain background: most border pixels and enough of the image match the border's median colour."""
@@ -205,6 +223,11 @@ class ColorShapeDetector:
         colour with the smallest residual when ``a >= 0.5`` and ``r <= tolerance``: the same
         half-coverage rule the renderer uses, so blurred or antialiased edges keep the shape's size.
         """
+        idx, a, r = self._unmix(image)
+        return np.where((a >= 0.5) & (r <= self.tolerance), idx, -1)
+
+    def _unmix(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pixel: best palette index, its coverage ``a`` and residual ``r`` (see :meth:`segment`)."""
         img = np.asarray(image, dtype=np.float64)[..., :3]
         border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
         bg = np.median(border, axis=0)
@@ -216,7 +239,7 @@ class ColorShapeDetector:
         idx = resid.argmin(-1)
         a = np.take_along_axis(alpha, idx[..., None], -1)[..., 0]
         r = np.take_along_axis(resid, idx[..., None], -1)[..., 0]
-        return np.where((a >= 0.5) & (r <= self.tolerance), idx, -1)
+        return idx, a, r
 
     def classify(self, mask: np.ndarray) -> tuple[str | None, float]:
         """Best shape class for a cropped component mask and its IoU (``None`` below ``min_iou``)."""
@@ -230,15 +253,39 @@ class ColorShapeDetector:
         return (best, best_iou) if best_iou >= self.min_iou else (None, best_iou)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
+        """Objects of a shapes-world scene; ``[]`` for anything that is not one.
+
+        Not a scene (nothing detected): no plain background (:meth:`is_scene`), more than
+        ``max_unexplained`` of the pixels unexplained by background + palette blends, or more than
+        ``max_components`` colour components. A component is an object only when it does not touch the
+        image border (the renderer keeps a margin; texture runs off the edge), its box is at least
+        ``min_side`` of the image, at most ``max_aspect`` elongated, at least ``min_solid`` of its
+        pixels are fully covered, and its mask matches a shape template (``min_iou``)."""
         if not self.is_scene(image):
             return []
-        labels = self.segment(image)
+        idx, a, r = self._unmix(image)
+        explained = (r <= self.tolerance) | (a < 0.25)
+        if float(np.mean(~explained)) > self.max_unexplained:
+            return []
+        labels = np.where((a >= 0.5) & (r <= self.tolerance), idx, -1)
         H, W = labels.shape
-        min_area = max(4, round(self.min_area * H * W))
+        comps = _components(labels, max(4, round(self.min_area * H * W)))
+        if len(comps) > self.max_components:
+            return []
         dets = []
-        for c, ys, xs in _components(labels, min_area):
+        for c, ys, xs in comps:
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-            crop = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+            h, w = int(y1 - y0), int(x1 - x0)
+            if (
+                min(y0, x0) == 0
+                or y1 == H
+                or x1 == W
+                or min(h / H, w / W) < self.min_side
+                or max(h, w) > self.max_aspect * min(h, w)
+                or float(np.mean(a[ys, xs] >= 0.8)) < self.min_solid
+            ):
+                continue
+            crop = np.zeros((h, w), dtype=bool)
             crop[ys - y0, xs - x0] = True
             cls, score = self.classify(crop)
             if cls is not None:
@@ -246,6 +293,59 @@ class ColorShapeDetector:
                     Detection(cls, self.names[c], (float(x0), float(y0), float(x1), float(y1)), score)
                 )
         return dets
+
+
+CONFOUNDER_KINDS: tuple[str, ...] = ("uniform", "gaussian", "blurred", "stripes", "checker", "gradient")
+
+
+def confounders(n: int, seed: int = 0, sizes: Sequence[int] = (32, 64, 128)) -> Iterator[tuple[str, np.ndarray]]:
+    """``n`` images that hold no object, for checking that a detector finds nothing: ``(kind, [S, S, 3]
+    uint8)``, kinds cycling through :data:`CONFOUNDER_KINDS`, side ``S`` drawn from ``sizes``, all from
+    ``default_rng(seed)`` (deterministic).
+
+    * ``uniform``: per-pixel uniform noise in a random range; ``gaussian``: a random colour plus
+      Gaussian noise (sigma 5-90, so near-plain images too);
+    * ``blurred``: uniform noise blurred (radius 0.7 px to S/6), standardised and scaled around a
+      random colour (colour blobs);
+    * ``stripes``: two random colours at a random angle, period 3 px to S/2 and duty; ``checker``: a
+      checkerboard of a random colour on another, cells 2 px to S/3, filled 20-100%;
+    * ``gradient``: linear (random direction) or radial (random centre and radius) blend of two colours.
+    """
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        kind = CONFOUNDER_KINDS[i % len(CONFOUNDER_KINDS)]
+        s = int(sizes[int(rng.integers(len(sizes)))])
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
+        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        if kind == "uniform":
+            lo = rng.uniform(0, 200)
+            arr = lo + rng.uniform(30, 255 - lo) * rng.random((s, s, 3))
+        elif kind == "gaussian":
+            arr = c1 + rng.normal(0, rng.uniform(5, 90), (s, s, 3))
+        elif kind == "blurred":
+            noise = Image.fromarray((rng.random((s, s, 3)) * 255).astype(np.uint8))
+            b = np.asarray(noise.filter(ImageFilter.GaussianBlur(rng.uniform(0.7, s / 6))), dtype=np.float64)
+            arr = c1 + rng.uniform(20, 150) * (b - b.mean()) / (b.std() + 1e-6)
+        elif kind == "stripes":
+            th, period, duty = rng.uniform(0, np.pi), rng.uniform(3, s / 2), rng.uniform(0.1, 0.9)
+            ph = (xx * np.cos(th) + yy * np.sin(th)) / period
+            arr = np.where(((ph - np.floor(ph)) < duty)[..., None], c2, c1)
+        elif kind == "checker":
+            c, duty = int(rng.integers(2, max(3, s // 3))), rng.uniform(0.2, 1.0)
+            on = (((yy // c) + (xx // c)) % 2 == 0) & ((yy % c) < duty * c) & ((xx % c) < duty * c)
+            arr = np.where(on[..., None], c2, c1)
+        else:
+            if rng.random() < 0.5:
+                th = rng.uniform(0, 2 * np.pi)
+                u = ((xx - s / 2) * np.cos(th) + (yy - s / 2) * np.sin(th)) / s + 0.5
+            else:
+                cx, cy = rng.uniform(0, s, 2)
+                u = np.hypot(xx - cx, yy - cy) / rng.uniform(s / 4, s)
+            u = np.clip(u, 0, 1)[..., None]
+            arr = (1 - u) * c1 + u * c2
+        yield kind, np.clip(arr, 0, 255).astype(np.uint8)
 
 
 _DEFAULT: ColorShapeDetector | None = None
@@ -287,12 +387,36 @@ def _check_meta(meta: Mapping) -> None:
                     raise ValueError(f"meta.include[{i}].position: index {pos[1]} must name an earlier entry")
 
 
+@dataclass
+class Judgement:
+    """:func:`judge_image`'s verdict: ``passed``, ``reason`` (violated rules, one per line), every
+    detection, the detections that broke a rule (wrong colour, wrong place, one too many) and the
+    classes of objects that were asked for and not found."""
+
+    passed: bool
+    reason: str
+    detections: list[Detection]
+    failed: list[Detection]
+    missing: list[str]
+
+
 def evaluate_image(
     image: Image.Image | np.ndarray,
     meta: Mapping,
     detector: Detector | None = None,
     color_fn: Callable[[np.ndarray, Detection], str] | None = None,
 ) -> tuple[bool, str]:
+    """``(passed, reason)`` of :func:`judge_image`."""
+    j = judge_image(image, meta, detector, color_fn)
+    return j.passed, j.reason
+
+
+def judge_image(
+    image: Image.Image | np.ndarray,
+    meta: Mapping,
+    detector: Detector | None = None,
+    color_fn: Callable[[np.ndarray, Detection], str] | None = None,
+) -> Judgement:
     """Decide whether ``image`` satisfies the prompt metadata ``meta`` by GenEval's rules.
 
     Args:
@@ -302,7 +426,7 @@ def evaluate_image(
         color_fn: colour of a detection whose ``color`` is None (needed only then).
 
     Returns:
-        ``(passed, reason)``: ``reason`` lists every violated rule, one per line ("" when passed).
+        a :class:`Judgement` (``reason`` lists every violated rule, one per line, "" when passed).
 
     Raises:
         ValueError: malformed ``meta`` (names the field) or image; a detection without colour for a
@@ -322,7 +446,7 @@ def evaluate_image(
             raise ValueError(f"detection {d} has no colour and no color_fn was given")
         return color_fn(arr, d)
 
-    correct, reasons, groups = True, [], []
+    correct, reasons, groups, failed, missing = True, [], [], [], []
     for req in meta["include"]:
         cls, n = req["class"], req["count"]
         found = objects.get(cls, [])[:n]
@@ -330,12 +454,14 @@ def evaluate_image(
         if len(found) < n:
             matched = False
             reasons.append(f"expected {cls}>={n}, found {len(found)}")
+            missing += [cls] * (n - len(found))
         else:
             if req.get("color") is not None:
                 colors = [color_of(d) for d in found]
                 k = colors.count(req["color"])
                 if k < n:
                     matched = False
+                    failed += [d for d, c in zip(found, colors) if c != req["color"]]
                     others = ", ".join(f"{colors.count(c)} {c}" for c in sorted(set(colors)))
                     reasons.append(
                         f"expected {req['color']} {cls}>={n}, found {k} {req['color']}; and {others}"
@@ -345,12 +471,14 @@ def evaluate_image(
                 if groups[j] is None:
                     matched = False
                     reasons.append(f"no target for {cls} to be {rel}")
+                    missing.append(meta["include"][j]["class"])
                 else:
                     for d in found:
                         for t in groups[j]:
                             true_rels = relative_position(d.box, t.box)
                             if rel not in true_rels:
                                 matched = False
+                                failed.append(d)
                                 reasons.append(
                                     f"expected {cls} {rel} target, found {' and '.join(sorted(true_rels)) or 'no relation to'} target"
                                 )
@@ -364,7 +492,8 @@ def evaluate_image(
         if len(objects.get(cls, [])) >= n:
             correct = False
             reasons.append(f"expected {cls}<{n}, found {len(objects[cls])}")
-    return correct, "\n".join(reasons)
+            failed += objects[cls][n - 1 :]
+    return Judgement(bool(correct), "\n".join(reasons), list(dets), failed, missing)
 
 
 def _record_image(rec: Mapping, which: str, root: Path, where: str) -> Path:

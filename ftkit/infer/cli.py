@@ -421,6 +421,7 @@ examples:
   ftkit eval shapes --model models/bagel-tiny --adapter runs/tiny-mcot/latest/adapter --out out/eval
   ftkit eval shapes --model models/bagel-mcot-merged --n 60 --steps 30 --out out/eval60
   ftkit eval shapes --model M --out O --detector mypkg.geneval_det:make_detector   # GenEval's own detector
+  ftkit eval shapes --ablation --model M --adapter A --steps 10 --out out/ablation   # FoX's ablation, 600 prompts
 Writes results.json (per prompt pass/fail + reason for direct T2I and MCoT, per-category scores),
 results.md (table: rows direct / mcot, GenEval's six categories + overall), images/, traces/ and
 failures/ (contact sheets of the prompts either mode failed)."""
@@ -437,13 +438,19 @@ def build_eval_parser() -> argparse.ArgumentParser:
     _add_model_args(sp)
     sp.add_argument("--out", required=True, help="output folder (refused when not empty, unless --overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    sp.add_argument("--data", default="shapes-eval", help="registry name or path of the eval records "
-                                                          "(default shapes-eval, 200 shipped prompts)")
+    sp.add_argument("--data", default=None, help="registry name or path of the eval records (default shapes-eval, "
+                                                 "200 shipped prompts; with --ablation: 600 prompts of the held-out "
+                                                 "seed 1011, generated into ~/.cache/ftkit on first use)")
     sp.add_argument("--registry", default=None, help="extra dataset registry file")
     sp.add_argument("--n", type=int, default=None, help="evaluate a category-balanced subset of N prompts")
     sp.add_argument("--rounds", type=int, default=2, help="most MCoT images per prompt (default 2)")
     sp.add_argument("--modes", nargs="+", default=["direct", "mcot"], choices=["direct", "mcot"],
                     help="which modes to run (default both)")
+    sp.add_argument("--ablation", action="store_true", help="FoX's ablation instead: base, t2i, t2i-twice, plan-act, "
+                    "mcot (inpainting correction) on the same prompts, with bootstrap intervals (ablation.json/.md)")
+    sp.add_argument("--ablation-modes", nargs="+", default=None, metavar="MODE",
+                    help="ablation modes (default base t2i t2i-twice plan-act mcot; also mcot-regen)")
+    sp.add_argument("--batch", type=int, default=16, help="prompts per sampler call in --ablation (default 16)")
     sp.add_argument("--detector", default=None, metavar="MODULE:CALLABLE",
                     help="factory returning a geneval Detector (default: the shapes-world colour detector); "
                          "if the object has a color(image, detection) method it is used as color_fn")
@@ -496,20 +503,39 @@ def eval_main(argv: list[str] | None = None) -> int:
         hw, sampler, text = _settings(a)
         detector = load_detector(a.detector) if a.detector else None
         color_fn = getattr(detector, "color", None) if detector is not None else None
-        records = list(load_records(a.data, registry=a.registry))
+        if a.ablation and a.data is None:
+            from ftkit.infer.evaluate import ablation_records
+
+            records, folder = ablation_records(size=hw[0])
+            a.data = str(folder)
+        else:
+            a.data = a.data or "shapes-eval"
+            records = list(load_records(a.data, registry=a.registry))
         if a.n is not None:
             records = balanced_subset(records, a.n)
         model, tok = load_for_inference(a.model, a.adapter, dtype=a.dtype, device=a.device, quantize=a.quantize)
         info = {"model": str(Path(a.model).resolve()), "adapter": str(Path(a.adapter).resolve()) if a.adapter else None,
                 "data": a.data}
         with atomic_dir(out, overwrite=True) as tmp:
-            res = evaluate_shapes(model, tok, records, detector=detector, color_fn=color_fn, modes=tuple(a.modes),
-                                  rounds=a.rounds, image_hw=hw, sampler=sampler, text=text, seed=a.seed, out_dir=tmp,
-                                  info=info)
+            if a.ablation:
+                from ftkit.infer.evaluate import ABLATION_MODES, run_ablation
+
+                res = run_ablation(model, tok, records, modes=tuple(a.ablation_modes or ABLATION_MODES),
+                                   batch_size=a.batch, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
+                                   detector=detector, color_fn=color_fn, out_dir=tmp, info=info)
+            else:
+                res = evaluate_shapes(model, tok, records, detector=detector, color_fn=color_fn, modes=tuple(a.modes),
+                                      rounds=a.rounds, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
+                                      out_dir=tmp, info=info)
     except _errors() as e:
         print(f"ftkit eval: error: {_fmt_err(e)}", file=sys.stderr)
         return 1
-    from ftkit.infer.evaluate import results_table
+    from ftkit.infer.evaluate import ablation_markdown, results_table
+
+    if a.ablation:
+        print(ablation_markdown(res), end="")
+        print(f"ablation of {res['n']} prompt(s); wrote {out} (ablation.json, ablation.md, sheets/)")
+        return 0
 
     print(results_table(res["scores"], res["counts"]))
     print(f"evaluated {res['n']} prompt(s) in {res['seconds']:.1f} s; wrote {out} (results.json, results.md, "

@@ -27,6 +27,14 @@ and returns ``color=None``; pass GenEval's CLIP ViT-L/14 colour classifier of th
 the command line: ``ftkit eval shapes --detector package.module:factory`` (the factory's object is
 used as ``detector``, and its ``color`` method, when it has one, as ``color_fn``).
 
+Ablation (:func:`run_ablation`, ``ftkit eval shapes --ablation``): FoX's modes ``base``, ``t2i``,
+``t2i-twice``, ``plan-act``, ``mcot`` (verdict-gated correction by inpainting the flagged regions) and
+``mcot-regen`` on the same prompts, batched through the sampler, with paired bootstrap intervals of the
+differences, reflection quality and seconds per prompt. Its prompts are a held-out split: seed
+:data:`ABLATION_SEED` = 1011 (training data uses seed 0, the shipped ``shapes-eval`` seed 1), 600 records,
+generated on demand by :func:`ablation_records` -- the same records as
+``ftkit data shapes --out DIR --n 600 --seed 1011``. The detector was developed on seed 2022, never on these.
+
 Files (when ``out_dir`` is given): ``images/STEM_direct.png``, ``traces/STEM*`` (the MCoT trace as
 written by :meth:`~ftkit.infer.mcot.Trace.save`, including its contact sheet), ``failures/STEM.png``
 (for every prompt that either mode failed: the MCoT contact sheet above a row with the direct image,
@@ -36,6 +44,7 @@ the MCoT final image, each with the detector's boxes drawn, and the reasons), ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -317,4 +326,444 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["MODES", "balanced_subset", "category_scores", "evaluate_shapes", "failure_sheet", "results_table"]
+
+
+# ==================================================================================== ablation
+ABLATION_MODES = ("base", "t2i", "t2i-twice", "plan-act", "mcot")
+ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-regen")
+ABLATION_SEED = 1011  # held-out: training data uses seed 0, the shipped shapes-eval seed 1
+ABLATION_N = 600
+DIFFERENCES = (("mcot", "t2i-twice"), ("plan-act", "t2i-twice"), ("mcot", "plan-act"))
+# which pipeline stages each mode needs (for its seconds per prompt)
+_STAGES = {"base": ("base",), "t2i": ("t2i",), "t2i-twice": ("t2i", "twice"), "plan-act": ("plan", "draft"),
+           "mcot": ("plan", "draft", "reflect", "inpaint"), "mcot-regen": ("plan", "draft", "reflect", "regen")}
+
+
+def ablation_records(n: int = ABLATION_N, seed: int = ABLATION_SEED, size: int = 64,
+                     cache_dir: str | os.PathLike | None = None) -> tuple[list[dict], Path]:
+    """The ablation's held-out prompts: ``n`` shapes-world records of seed ``seed`` (tags cycling, so every
+    prefix is category-balanced), generated on first use into ``cache_dir`` (default ``$FTKIT_CACHE`` or
+    ``~/.cache/ftkit``) as ``shapes-ablation-s{seed}-n{n}-{size}`` -- the same bytes as
+    ``ftkit data shapes --out DIR --n n --seed seed --size size``. Returns ``(records, folder)``."""
+    from ftkit.data import shapes
+    from ftkit.data.geneval import read_records
+
+    root = Path(cache_dir or os.environ.get("FTKIT_CACHE") or Path.home() / ".cache" / "ftkit")
+    folder = root / f"shapes-ablation-s{seed}-n{n}-{size}"
+    if not (folder / "records.jsonl").is_file():
+        shapes.generate(folder, n, seed, size, overwrite=True, progress=False)
+    return read_records(folder), folder
+
+
+def paired_bootstrap(a: Sequence[bool], b: Sequence[bool], tags: Sequence[str], n_boot: int = 2000,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Difference of scores ``a - b`` on the same prompts with a paired, category-stratified bootstrap 95%
+    interval: each resample draws, within every category, its prompts with replacement (the pair
+    ``(a_i, b_i)`` stays together); a category's difference is the mean of ``a_i - b_i``, ``overall``
+    the mean over categories (the score's own rule). Returns ``{tag | "overall": {"diff", "lo", "hi"}}``
+    (percentiles 2.5 / 97.5)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    tags = np.asarray(tags)
+    rng = np.random.default_rng(seed)
+    order = [t for t in GENEVAL_TAGS if t in set(tags)] + sorted(set(tags) - set(GENEVAL_TAGS))
+    out, boots = {}, []
+    for t in order:
+        dt = d[tags == t]
+        bt = dt[rng.integers(0, len(dt), (n_boot, len(dt)))].mean(1)
+        boots.append(bt)
+        out[t] = {"diff": float(dt.mean()), "lo": float(np.percentile(bt, 2.5)), "hi": float(np.percentile(bt, 97.5))}
+    ov = np.mean(boots, axis=0)
+    out["overall"] = {"diff": float(np.mean([out[t]["diff"] for t in order])), "lo": float(np.percentile(ov, 2.5)),
+                      "hi": float(np.percentile(ov, 97.5))}
+    return out
+
+
+def region_token_mask(boxes: Sequence[Sequence[int]], grid: tuple[int, int]) -> torch.Tensor:
+    """Latent tokens (raster order, ``grid`` = (h, w)) whose cell overlaps any box ``[x0, y0, x1, y1]`` in
+    [0, 1000]: ``[h*w]`` bool. Token ``(r, c)`` covers ``[c, c + 1) * 1000 / w`` by ``[r, r + 1) * 1000 / h``."""
+    gh, gw = grid
+    m = torch.zeros(gh, gw, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        c0, c1 = int(np.floor(x0 * gw / 1000)), int(np.ceil(x1 * gw / 1000))
+        r0, r1 = int(np.floor(y0 * gh / 1000)), int(np.ceil(y1 * gh / 1000))
+        m[max(0, r0):min(gh, r1), max(0, c0):min(gw, c1)] = True
+    return m.flatten()
+
+
+def _box_mask(boxes, hw: tuple[int, int]) -> np.ndarray:
+    """Pixel mask of an ``hw`` image covered by boxes ``[x0, y0, x1, y1]`` in [0, 1000]."""
+    m = np.zeros(hw, dtype=bool)
+    sy, sx = hw[0] / 1000, hw[1] / 1000
+    for x0, y0, x1, y1 in boxes:
+        m[int(round(y0 * sy)):int(round(y1 * sy)), int(round(x0 * sx)):int(round(x1 * sx))] = True
+    return m
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    u = (a | b).sum()
+    return float((a & b).sum() / u) if u else 0.0
+
+
+class _Batch:
+    """The per-prompt state of one batch of the ablation (contexts, images, texts)."""
+
+    def __init__(self, idx, fields, seed, N, C):
+        self.idx, self.fields = idx, fields
+        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+        self.eps1 = [torch.randn(N, C, generator=g) for g in gens]
+        self.eps2 = [torch.randn(N, C, generator=g) for g in gens]
+        self.gens = gens  # then used for context-image posteriors
+
+
+@torch.no_grad()
+def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = ABLATION_MODES,
+                 batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None, seed: int = 0,
+                 detector: Detector | None = None, color_fn=None, out_dir: str | os.PathLike | None = None,
+                 n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24,
+                 pack_tokens: int = 256) -> dict:
+    """FoX's ablation on the same prompts, batched (``batch_size`` prompts per sampler / decoder call).
+
+    Modes (record ``i`` draws its starting noises ``eps1, eps2`` from ``Generator(seed + i)``, shared by
+    all modes, so the comparison is paired):
+
+    * ``base``: the model with its adapter switched off, text-to-image from ``eps1`` (the same weights
+      as ``t2i`` when no adapter is attached);
+    * ``t2i``: text-to-image from ``eps1``;
+    * ``t2i-twice``: the ``t2i`` image goes into the context (VAE + ViT), a second image from ``eps2``;
+    * ``plan-act``: decode a plan, then the image from ``eps1``;
+    * ``mcot``: the ``plan-act`` image is the draft; reflect; only when the verdict is ``revise``
+      (unparseable text counts as revise) correct it by inpainting (:func:`~ftkit.infer.sampler.generate_images`
+      ``keep``) the latent tokens under the reflection's regions (:func:`region_token_mask`; the whole
+      image when it names none) from ``eps2``, context = prompt, plan, draft, reflection;
+    * ``mcot-regen``: as ``mcot`` but the correction regenerates the whole image from the context.
+
+    Stages shared by modes are computed once (``t2i`` is the first image of ``t2i-twice``, ``plan-act``
+    the draft of ``mcot``); a mode's seconds per prompt add up the stages it needs.
+
+    Reflection quality (on the mcot drafts): verdict accuracy against the evaluator (truth ``ok`` when
+    the draft passes); IoU of the union of flagged region boxes with the union of the boxes of the
+    detections that broke a rule plus the model's own plan boxes of objects the evaluator found missing
+    (drafts that fail, are flagged, and have both).
+
+    Batching: the contexts of a batch are prefilled separately (any lengths); each sampler step packs
+    their query blocks (image tokens + markers, all guidance branches) about ``pack_tokens`` tokens per
+    decoder call over the concatenated caches with a block-diagonal mask (``generate_images(packed=k)``);
+    plans and reflections are decoded for the whole batch at once (:func:`~ftkit.infer.sampler.generate_texts`).
+
+    Returns the result dict (also ``ablation.json`` / ``ablation.md`` / ``sheets/`` / ``images/`` under
+    ``out_dir``). Raises ValueError for an unknown mode, no records, a bad record or size.
+    """
+    from tqdm.auto import tqdm
+
+    from ftkit.adapters.attach import adapters_disabled, has_adapters
+    from ftkit.data.geneval import judge_image
+    from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
+    from ftkit.infer.context import GuidanceContexts
+    from ftkit.infer.mcot import SamplerSettings, TextSettings, _Text, default_vit_hw
+    from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
+
+    modes = tuple(modes)
+    if not modes or any(m not in ALL_ABLATION_MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct values among {ALL_ABLATION_MODES}, got {modes}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not records:
+        raise ValueError("run_ablation: no records")
+    fields = [_fields(r, i) for i, r in enumerate(records)]
+    hw = tuple(image_hw)
+    grid = latent_grid(model, hw)
+    N, C = grid[0] * grid[1], model.cfg.patch_latent_dim
+    sampler = sampler or SamplerSettings()
+    ts = text or TextSettings()
+    vit_hw = default_vit_hw(model, hw)
+    tx = _Text(model, tokenizer)
+    adapted = has_adapters(model)
+    need = {s for m in modes for s in _STAGES[m]}
+    secs = {s: 0.0 for s in ("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen")}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        for m in modes:
+            (out / "images" / m).mkdir(parents=True, exist_ok=True)
+        (out / "sheets").mkdir(parents=True, exist_ok=True)
+    skw = sampler.kwargs()
+    pack = max(1, round(pack_tokens / (N + 2)))
+
+    def judge(image, meta, where):
+        try:
+            return judge_image(image, meta, detector, color_fn)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+
+    def sample(gcs, eps, keep=None, plain=False):
+        lat = generate_images(model, [g.cond for g in gcs], None if plain else [g.uncond_text for g in gcs],
+                              None if plain else [g.uncond_img for g in gcs], hw=hw, init_noise=eps, keep=keep,
+                              packed=pack, **skw)
+        return lat, [decode_image(model, z, hw) for z in lat]
+
+    def user(prompts):
+        gcs = [GuidanceContexts(model) for _ in prompts]
+        for g, p in zip(gcs, prompts):
+            g.add_user_text(tx.encode(p))
+        return gcs
+
+    @contextlib.contextmanager
+    def clock(stage):
+        t0 = time.perf_counter()
+        yield
+        secs[stage] += time.perf_counter() - t0
+
+    def decode_all(gcs, max_tokens):
+        outs = generate_texts([g.cond for g in gcs], max_tokens)
+        return [(ids, tx.decode(ids)) for ids in (tx.clean(o.new_ids) for o in outs)]
+
+    rows: list[dict] = []
+    corrections: list[tuple] = []
+    for b0 in tqdm(range(0, len(fields), batch_size), desc="ablation", unit="batch", disable=not progress):
+        idx = list(range(b0, min(len(fields), b0 + batch_size)))
+        bt = _Batch(idx, [fields[i] for i in idx], seed, N, C)
+        prompts = [f[1] for f in bt.fields]
+        imgs: dict[str, list] = {}
+        if "base" in need:
+            with clock("base"), (adapters_disabled(model) if adapted else contextlib.nullcontext()):
+                imgs["base"] = sample(user(prompts), bt.eps1, plain=True)[1]
+        if "t2i" in need:
+            with clock("t2i"):
+                gcs_t = user(prompts)
+                imgs["t2i"] = sample(gcs_t, bt.eps1, plain=True)[1]
+        if "twice" in need:
+            with clock("twice"):
+                for g, im, gen in zip(gcs_t, imgs["t2i"], bt.gens):
+                    g.add_image(im, vae_hw=hw, vit_hw=vit_hw, generator=gen)
+                imgs["t2i-twice"] = sample(gcs_t, bt.eps2)[1]
+        if "plan" in need:
+            with clock("plan"):
+                gcs_p = user(prompts)
+                plans = []
+                for g, (ids, ptxt) in zip(gcs_p, decode_all(gcs_p, ts.max_plan_tokens)):
+                    try:
+                        pl = parse_plan(ptxt)
+                    except ParseError:
+                        pl = None
+                    g.add_generated_text(ids)
+                    plans.append((ptxt, pl))
+            with clock("draft"):
+                lat_d, imgs["plan-act"] = sample(gcs_p, bt.eps1)
+        if "reflect" in need:
+            with clock("reflect"):
+                for g, im, gen in zip(gcs_p, imgs["plan-act"], bt.gens):
+                    g.add_image(im, vae_hw=hw, vit_hw=vit_hw, generator=gen)
+                refls = []
+                for ids, rtxt in decode_all(gcs_p, ts.max_reflect_tokens):
+                    try:
+                        r = parse_reflection(rtxt)
+                    except ParseError:
+                        r = None
+                    refls.append((ids, rtxt, r, "revise" if r is None else r.verdict))
+                rev = [k for k, r in enumerate(refls) if r[3] != "ok"]
+                for k in rev:
+                    gcs_p[k].add_generated_text(refls[k][0])
+                masks = {k: (region_token_mask([g.box for g in refls[k][2].regions], grid)
+                             if refls[k][2] is not None and refls[k][2].regions else torch.ones(N, dtype=torch.bool))
+                         for k in rev}
+            for stage, mode in (("inpaint", "mcot"), ("regen", "mcot-regen")):
+                if stage not in need:
+                    continue
+                final = list(imgs["plan-act"])
+                if rev:
+                    keep = [(lat_d[k], masks[k]) for k in rev] if stage == "inpaint" else None
+                    with clock(stage):
+                        _, fixed = sample([gcs_p[k] for k in rev], [bt.eps2[k] for k in rev], keep)
+                    for k, im in zip(rev, fixed):
+                        final[k] = im
+                imgs[mode] = final
+        for k, i in enumerate(idx):
+            rid, prompt, meta = bt.fields[k]
+            where = f"record {i} ({rid})"
+            stem = f"{i:04d}_{''.join(c if c.isalnum() or c in '-_' else '_' for c in rid)}"
+            row: dict = {"index": i, "id": rid, "prompt": prompt, "tag": meta["tag"], "seed": seed + i}
+            for m in modes:
+                j = judge(imgs[m][k], meta, where)
+                row[m] = {"passed": j.passed, "reason": j.reason}
+                if out is not None:
+                    _save_png(imgs[m][k], out / "images" / m / f"{stem}.png")
+                    row[m]["image"] = f"images/{m}/{stem}.png"
+            if "plan" in need:
+                ptxt, pl = plans[k]
+                row["plan"] = {"text": ptxt, "parsed": pl is not None}
+            if "reflect" in need:
+                ids, rtxt, r, verdict = refls[k]
+                dj = judge(imgs["plan-act"][k], meta, where)
+                flagged = [list(g.box) for g in r.regions] if r is not None else []
+                iou = None
+                if not dj.passed and verdict == "revise" and flagged:
+                    fail_m = np.zeros(hw, dtype=bool)
+                    for d in dj.failed:
+                        x0, y0, x1, y1 = d.box
+                        fail_m[int(y0):int(y1), int(x0):int(x1)] = True
+                    pl = plans[k][1]
+                    miss_boxes = [b.box for c in dj.missing for b in (pl.boxes if pl else []) if c in b.label]
+                    fail_m |= _box_mask(miss_boxes, hw)
+                    if fail_m.any():
+                        iou = _iou(_box_mask(flagged, hw), fail_m)
+                row["reflection"] = {"text": rtxt, "parsed": r is not None, "verdict": verdict,
+                                     "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
+                                     "corrected": verdict != "ok",
+                                     "inpainted_tokens": int(masks[k].sum()) if k in masks else 0}
+                if verdict != "ok" and "mcot" in modes and len(corrections) < sheet_rows:
+                    corrections.append((prompt, imgs["plan-act"][k], flagged, masks[k], imgs["mcot"][k],
+                                        dj.passed, row["mcot"]["passed"]))
+            rows.append(row)
+
+    n = len(rows)
+    tags = [r["tag"] for r in rows]
+    passes = {m: [r[m]["passed"] for r in rows] for m in modes}
+    scores = {m: category_scores(_by_tag(passes[m], tags)) for m in modes}
+    diffs = {f"{a} - {b}": paired_bootstrap(passes[a], passes[b], tags, n_boot, seed)
+             for a, b in DIFFERENCES if a in modes and b in modes}
+    reflection = None
+    if "reflect" in need:
+        rr = [r["reflection"] for r in rows]
+        ious = [x["iou"] for x in rr if x["iou"] is not None]
+        conf = {f"truth {t} / said {v}": sum(1 for x in rr if x["truth"] == t and x["verdict"] == v)
+                for t in ("ok", "revise") for v in ("ok", "revise")}
+        reflection = {"verdict_accuracy": float(np.mean([x["truth"] == x["verdict"] for x in rr])),
+                      "parsed": float(np.mean([x["parsed"] for x in rr])), "confusion": conf,
+                      "region_iou": float(np.mean(ious)) if ious else None, "region_iou_n": len(ious),
+                      "corrected": sum(x["corrected"] for x in rr)}
+    per_prompt = {m: round(sum(secs[s] for s in _STAGES[m]) / n, 4) for m in modes}
+    counts: dict[str, int] = {}
+    for t in tags:
+        counts[t] = counts.get(t, 0) + 1
+    res = {
+        **(info or {}), "n": n, "modes": list(modes), "counts": counts, "scores": scores, "differences": diffs,
+        "reflection": reflection, "seconds_per_prompt": per_prompt,
+        "stage_seconds": {s: round(v, 3) for s, v in secs.items() if s in need},
+        "adapter_attached": adapted,
+        "settings": {"batch_size": batch_size, "pack": pack, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
+                     "sampler": {**skw, "cfg_interval": list(sampler.cfg_interval)},
+                     "text": {"max_plan_tokens": ts.max_plan_tokens, "max_reflect_tokens": ts.max_reflect_tokens}},
+        "detector": type(detector if detector is not None else default_detector()).__name__,
+        "prompts": rows,
+    }
+    if out is not None:
+        sheets = {}
+        for m in modes:
+            failed = [(r["prompt"], imgs_path, r[m]["reason"]) for r in rows if not r[m]["passed"]
+                      for imgs_path in [out / r[m]["image"]]][:sheet_rows * 4]
+            if failed:
+                _save_png(_grid_sheet(failed, detector), out / "sheets" / f"failures_{m}.png")
+                sheets[f"failures_{m}"] = f"sheets/failures_{m}.png"
+        if corrections:
+            _save_png(_corrections_sheet(corrections, grid), out / "sheets" / "corrections.png")
+            sheets["corrections"] = "sheets/corrections.png"
+        res["sheets"] = sheets
+        for name, body in (("ablation.json", json.dumps(res, indent=2)), ("ablation.md", ablation_markdown(res))):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(body, encoding="utf-8")
+            os.replace(tmp, out / name)
+    return res
+
+
+def _by_tag(passed: Sequence[bool], tags: Sequence[str]) -> dict[str, list[bool]]:
+    d: dict[str, list[bool]] = {}
+    for p, t in zip(passed, tags):
+        d.setdefault(t, []).append(p)
+    return d
+
+
+def _grid_sheet(items, detector, cell: int = 128, cols: int = 8):
+    """Failed images of one mode: detector boxes drawn, prompt and first violated rule below."""
+    from PIL import Image
+
+    det = default_detector() if detector is None else detector
+    panels = []
+    for prompt, path, reason in items:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        pic = _panel_image(image, prompt[11:] if prompt.startswith("a photo of ") else prompt,
+                           det.detect(np.asarray(image)), cell)
+        txt = _panel_text((reason or "").splitlines()[0] if reason else "", "", cell)
+        p = Image.new("RGB", (cell, cell + 16 + 40), "white")
+        p.paste(pic, (0, 0))
+        p.paste(txt.crop((0, 16, cell, 56)), (0, cell + 16))
+        panels.append(p)
+    rows = (len(panels) + cols - 1) // cols
+    sheet = Image.new("RGB", (cell * min(cols, len(panels)), rows * (cell + 56)), "white")
+    for k, p in enumerate(panels):
+        sheet.paste(p, ((k % cols) * cell, (k // cols) * (cell + 56)))
+    return sheet
+
+
+def _corrections_sheet(items, grid, cell: int = 128):
+    """One row per corrected prompt: prompt | draft | flagged regions (boxes, inpainted tokens shaded) |
+    corrected, with the evaluator's pass / FAIL of draft and correction."""
+    from PIL import Image, ImageDraw
+
+    from ftkit.infer.mcot import _image_cell
+
+    gh, gw = grid
+    rows = []
+    for prompt, draft, flagged, mask, fixed, d_ok, f_ok in items:
+        shade = draft.convert("RGB").resize((cell, cell), Image.NEAREST)
+        over = Image.new("RGBA", shade.size, (0, 0, 0, 0))
+        d = ImageDraw.Draw(over)
+        for t in np.flatnonzero(mask.numpy()):
+            r, c = divmod(int(t), gw)
+            d.rectangle([c * cell / gw, r * cell / gh, (c + 1) * cell / gw - 1, (r + 1) * cell / gh - 1],
+                        fill=(255, 59, 48, 70))
+        shade = Image.alpha_composite(shade.convert("RGBA"), over).convert("RGB")
+        panels = [_panel_text(prompt, "prompt", cell),
+                  _image_cell(draft, f"draft: {'pass' if d_ok else 'FAIL'}", cell),
+                  _image_cell(shade, "flagged regions", cell, [("", tuple(b), "#ff3b30") for b in flagged]),
+                  _image_cell(fixed, f"corrected: {'pass' if f_ok else 'FAIL'}", cell)]
+        row = Image.new("RGB", (cell * 4, cell + 16), "white")
+        for k, p in enumerate(panels):
+            row.paste(p, (k * cell, 0))
+        rows.append(row)
+    sheet = Image.new("RGB", (cell * 4, len(rows) * (cell + 16)), "white")
+    for k, r in enumerate(rows):
+        sheet.paste(r, (0, k * (cell + 16)))
+    return sheet
+
+
+def ablation_markdown(res: dict) -> str:
+    """The ablation's report: scores per mode and category, the paired differences with bootstrap 95%
+    intervals, reflection quality, seconds per prompt and settings."""
+    s = res["settings"]
+    sm = s["sampler"]
+    lines = ["# Shapes-world ablation (GenEval rules)", ""]
+    for k in ("model", "adapter", "data"):
+        if res.get(k):
+            lines.append(f"- {k}: `{res[k]}`")
+    lines += [f"- prompts: {res['n']}; detector: {res['detector']}; image {s['image_hw'][0]}x{s['image_hw'][1]}, "
+              f"{sm['num_timesteps']} timesteps, cfg text {sm['cfg_text_scale']}; batch {s['batch_size']}; "
+              f"seed {s['seed']}; adapter attached: {res['adapter_attached']}", "",
+              results_table(res["scores"], res["counts"]), ""]
+    if res["differences"]:
+        cols = [c for c in (*GENEVAL_TAGS, "overall") if c in next(iter(res["differences"].values()))]
+        lines += ["Paired differences (bootstrap 95% interval, stratified by category, "
+                  f"{s['n_boot']} resamples):", "", "| difference | " + " | ".join(cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for name, d in res["differences"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{d[c]['diff']:+.3f} [{d[c]['lo']:+.3f}, {d[c]['hi']:+.3f}]" for c in cols) + " |")
+        lines.append("")
+    r = res.get("reflection")
+    if r:
+        iou = "n/a" if r["region_iou"] is None else f"{r['region_iou']:.3f}"
+        lines += ["Reflection on the mcot drafts (truth: the evaluator's verdict on the draft):", "",
+                  f"- verdict accuracy {r['verdict_accuracy']:.3f}; parsed {r['parsed']:.3f}; corrected "
+                  f"{r['corrected']} of {res['n']}",
+                  "- " + "; ".join(f"{k}: {v}" for k, v in r["confusion"].items()),
+                  f"- IoU of flagged regions with the failed objects: {iou} (over {r['region_iou_n']} drafts)", ""]
+    lines += ["Seconds per prompt (shared stages counted in every mode that needs them):", "",
+              "| mode | s / prompt |", "|---|---:|"]
+    lines += [f"| {m} | {v:.3f} |" for m, v in res["seconds_per_prompt"].items()]
+    if res.get("sheets"):
+        lines += ["", "Contact sheets: " + ", ".join(f"`{p}`" for p in res["sheets"].values())]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ABLATION_MODES", "ABLATION_SEED", "ALL_ABLATION_MODES", "MODES", "ablation_markdown", "ablation_records",
+           "balanced_subset", "category_scores", "evaluate_shapes", "failure_sheet", "paired_bootstrap",
+           "region_token_mask", "results_table", "run_ablation"]

@@ -19,6 +19,18 @@ guidance)::
 
 with norms over the whole token block ("global") or per token ("channel"); "text_channel"
 renormalises v_text per token before the image stage instead.
+
+Inpainting (``keep`` of :func:`generate_images`, FoX's region correction, the rectified-flow form of
+RePaint / SDEdit-style "replace the known part"): given a kept latent ``z`` (the draft's final tokens), a
+token mask ``m`` (1 = regenerate) and the starting noise ``eps`` (= x at t = 1), every state the sampler
+holds is
+
+    x_t = m * x_t^model + (1 - m) * ((1 - t) z + t eps)
+
+i.e. outside the region the latent is exactly the point of the straight noise-to-draft path at the
+current t (the forward process of training, with the same eps), so the region is denoised in the
+context of the draft's own noisy neighbourhood, and at t = 0 the outside is ``z`` itself (bit for bit).
+The model's velocity is computed on the whole block each step; only the region keeps its update.
 """
 
 from __future__ import annotations
@@ -135,7 +147,8 @@ def generate_images(
     init_noise: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[int, float, list[torch.Tensor]], None] | None = None,
-    packed: bool = True,
+    packed: bool | int = True,
+    keep: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> list[torch.Tensor]:
     """Sample one image per conditioning context, all of size ``hw`` = (H, W) pixels, batched: every
     Euler step runs all prompts and all their guidance branches in one decoder call.
@@ -152,7 +165,12 @@ def generate_images(
         callback: ``callback(step, t, x_list)`` after each step.
         packed: run all prompts and branches of a step in one decoder call (block-diagonal mask over
             their concatenated caches; best for small images / many prompts); ``False`` runs one call
-            per branch (attention cost stays per branch; better for large images).
+            per branch (attention cost stays per branch; better for large images); an int ``k`` packs the
+            branches ``k`` at a time (the block-diagonal mask's attention grows with the square of the
+            tokens packed, the per-call overhead falls with the number of calls: ``k`` balances the two).
+        keep: per image ``None`` or ``(z, mask)``: inpaint (module docstring): ``z`` ``[N, p*p*C]`` latent
+            tokens to keep, ``mask`` ``[N]`` bool, True where the image is regenerated; outside the mask
+            the state is ``(1 - t) z + t eps`` at every step (and ``z`` exactly at the end).
 
     Returns:
         per image, the final latent tokens ``[N, p*p*C]`` (float32; decode with :func:`decode_image`).
@@ -187,19 +205,36 @@ def generate_images(
             xs.append(x.to(model.device, torch.float32))
     uncond_texts = [u if u is not None else Context(model) for u in uncond_texts]
     ts = timestep_schedule(num_timesteps, timestep_shift).to(model.device)
+    keeps = _check_keep(keep, B, N, C, model.device)
+    eps = list(xs)
+
+    def _paste(xs_: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
+        return [x if k is None else torch.where(k[1][:, None], x, (1 - t) * k[0] + t * e)
+                for x, k, e in zip(xs_, keeps, eps)]
+
+    if keep is not None:
+        xs = _paste(xs, ts[0])
     lo, hi = cfg_interval
     use_img = cfg_img_scale > 1.0 and any(u is not None for u in uncond_imgs)
     img_rows = [j for j in range(B) if uncond_imgs[j] is not None] if use_img else []
     all_ctxs = list(conds) + uncond_texts + [uncond_imgs[j] for j in img_rows]
-    merged: dict[bool, MergedCache] = {}  # caches concatenated once per branch set, reused every step
+    merged: dict = {}  # caches concatenated once per branch set (and pack chunk), reused every step
     for i in range(num_timesteps - 1):
         t, dt = ts[i], ts[i] - ts[i + 1]
         guided = cfg_text_scale > 1.0 and lo < float(t) <= hi
         ctxs = all_ctxs if guided else list(conds)
         xq = xs + xs + [xs[j] for j in img_rows] if guided else list(xs)
-        if packed and guided not in merged:
-            merged[guided] = merge_caches([c.cache for c in ctxs])
-        vs = velocities(ctxs, xq, t, [hw] * len(ctxs), merged=merged.get(guided), packed=packed)
+        if packed is True or packed is False:
+            if packed and guided not in merged:
+                merged[guided] = merge_caches([c.cache for c in ctxs])
+            vs = velocities(ctxs, xq, t, [hw] * len(ctxs), merged=merged.get(guided), packed=packed)
+        else:
+            k = max(1, int(packed))
+            chunks = [range(a, min(len(ctxs), a + k)) for a in range(0, len(ctxs), k)]
+            if guided not in merged:
+                merged[guided] = [merge_caches([ctxs[c].cache for c in ch]) for ch in chunks]
+            vs = [v for ch, m in zip(chunks, merged[guided])
+                  for v in velocities([ctxs[c] for c in ch], [xq[c] for c in ch], t, [hw] * len(ch), merged=m)]
         new = []
         for j in range(B):
             v = vs[j]
@@ -208,10 +243,28 @@ def generate_images(
                 v = guide(v, vs[B + j], u_img, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                           renorm_type=cfg_renorm_type, renorm_min=cfg_renorm_min)
             new.append(xs[j] - v * dt)
-        xs = new
+        xs = new if keep is None else _paste(new, ts[i + 1])
         if callback is not None:
             callback(i, float(t), xs)
     return xs
+
+
+def _check_keep(keep, B: int, N: int, C: int, device) -> list:
+    if keep is None:
+        return [None] * B
+    if len(keep) != B:
+        raise ValueError(f"keep has {len(keep)} entries for {B} images")
+    out = []
+    for i, k in enumerate(keep):
+        if k is None:
+            out.append(None)
+            continue
+        z, m = k
+        if tuple(z.shape) != (N, C) or tuple(m.shape) != (N,) or m.dtype != torch.bool:
+            raise ValueError(f"keep[{i}]: expected latent {(N, C)} and bool mask ({N},), got {tuple(z.shape)} and "
+                             f"{tuple(m.shape)} {m.dtype}")
+        out.append((z.to(device, torch.float32), m.to(device)))
+    return out
 
 
 def generate_image(model, ctx_cond: Context, ctx_uncond_text: Context | None = None,
@@ -325,5 +378,57 @@ def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = 
     return GeneratedText(ids=ids, logits=torch.stack(rows) if return_logits else None, stopped=stopped)
 
 
+@torch.no_grad()
+def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do_sample: bool = False,
+                   temperature: float = 1.0, top_p: float = 1.0, generators: Sequence[torch.Generator | None] | None = None,
+                   return_logits: bool = False) -> list[GeneratedText]:
+    """:func:`generate_text` for several contexts of any lengths at once: every step feeds the next
+    token of each unfinished context in ONE decoder call (caches concatenated, block-diagonal mask:
+    each token sees its own cache only), so the result equals per-context decoding up to float
+    summation order. ``generators[i]`` samples context i."""
+    if not contexts:
+        return []
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    gens = list(generators) if generators is not None else [None] * len(contexts)
+    if len(gens) != len(contexts):
+        raise ValueError(f"{len(gens)} generators for {len(contexts)} contexts")
+    model = contexts[0].model
+    start, end = model.cfg.bos_id, model.cfg.eos_id
+    n = len(contexts)
+    caches = [c.cache for c in contexts]
+    pos = [c.position for c in contexts]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    tok, stopped, live = [start] * n, [False] * n, list(range(n))
+    for _ in range(max_new_tokens):
+        for j in live:
+            ids[j].append(tok[j])
+        hs, new = forward_blocks(model, [caches[j] for j in live], [text_block(model, [tok[j]], pos[j]) for j in live],
+                                 update=True)
+        logits = model.language_model.lm_head(torch.stack([h[-1] for h in hs]))
+        still = []
+        for r, j in enumerate(live):
+            caches[j], pos[j] = new[r], pos[j] + 1
+            if return_logits:
+                rows[j].append(logits[r].float())
+            tok[j] = _sample(logits[r], temperature, top_p, gens[j]) if do_sample else int(logits[r].argmax())
+            if tok[j] == end:
+                stopped[j] = True
+            else:
+                still.append(j)
+        live = still
+        if not live:
+            break
+    for j in live:
+        ids[j].append(tok[j])
+    return [GeneratedText(ids=ids[j], logits=torch.stack(rows[j]) if return_logits else None, stopped=stopped[j])
+            for j in range(n)]
+
+
 __all__ = ["GeneratedText", "RENORM_TYPES", "decode_image", "decode_latent", "generate_image", "generate_images",
-           "generate_text", "guide", "latent_grid", "to_pil", "velocities", "velocity"]
+           "generate_text", "generate_texts", "guide", "latent_grid", "to_pil", "velocities", "velocity"]

@@ -1,0 +1,244 @@
+"""The batched ablation on the bagel-tiny model (random weights: the mechanics, not the scores):
+inpainting keeps the latent outside the regions bit for bit; batched sampling and decoding equal the
+unbatched paths; every mode runs end to end and writes its JSON, Markdown and contact sheets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ftkit.adapters.attach import adapters_disabled, attach_adapters
+from ftkit.adapters.config import AdapterConfig
+from ftkit.infer.context import GuidanceContexts
+from ftkit.infer.evaluate import (
+    ALL_ABLATION_MODES,
+    ablation_records,
+    paired_bootstrap,
+    region_token_mask,
+    run_ablation,
+)
+from ftkit.infer.mcot import SamplerSettings, TextSettings, text_to_image
+from ftkit.infer.sampler import generate_images, generate_text, generate_texts, latent_grid
+from ftkit.models.bagel import timestep_schedule
+from ftkit.models.loading import load_bagel, load_tokenizer
+
+HW = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def mt(fixture_dir):
+    return load_bagel(fixture_dir, dtype=torch.float32), load_tokenizer(fixture_dir)
+
+
+def _conds(model, tok, prompts):
+    out = []
+    for p in prompts:
+        gc = GuidanceContexts(model)
+        gc.add_user_text(tok.encode(p, add_special_tokens=False))
+        out.append(gc)
+    return out
+
+
+def _noise(model, n, seed=0):
+    gh, gw = latent_grid(model, HW)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(gh * gw, model.cfg.patch_latent_dim, generator=g) for _ in range(n)]
+
+
+def test_inpainting_keeps_the_outside_bitwise_at_every_step(mt):
+    model, tok = mt
+    (gc,) = _conds(model, tok, ["a photo of a red circle"])
+    gh, gw = latent_grid(model, HW)
+    z, eps = _noise(model, 2, seed=3)
+    mask = region_token_mask([[0, 0, 500, 500]], (gh, gw))
+    assert 0 < int(mask.sum()) < gh * gw
+    steps = 6
+    ts = timestep_schedule(steps, 3.0)
+    seen = []
+
+    def cb(i, t, xs):
+        seen.append(i)
+        want = (1 - ts[i + 1]) * z + ts[i + 1] * eps
+        assert torch.equal(xs[0][~mask], want[~mask]), i  # bit for bit
+        assert not torch.equal(xs[0][mask], want[mask])  # the region is the model's own
+
+    (x,) = generate_images(model, [gc.cond], [gc.uncond_text], hw=HW, num_timesteps=steps, init_noise=[eps],
+                           keep=[(z, mask)], callback=cb)
+    assert seen == list(range(steps - 1))
+    assert torch.equal(x[~mask], z[~mask])  # t = 0: the draft itself
+    # without keep the same noise and context give another image everywhere
+    (free,) = generate_images(model, [gc.cond], [gc.uncond_text], hw=HW, num_timesteps=steps, init_noise=[eps])
+    assert not torch.equal(free[~mask], z[~mask])
+    with pytest.raises(ValueError, match="keep"):
+        generate_images(model, [gc.cond], hw=HW, num_timesteps=3, init_noise=[eps], keep=[(z, mask.float())])
+
+
+def test_region_token_mask():
+    m = region_token_mask([[0, 0, 250, 250], [760, 760, 1000, 1000]], (4, 4)).reshape(4, 4)
+    assert m[0, 0] and m[3, 3] and int(m.sum()) == 2
+    assert region_token_mask([[240, 0, 260, 10]], (4, 4)).reshape(4, 4)[0, :2].all()  # overlap counts
+    assert not region_token_mask([], (4, 4)).any()
+
+
+def test_batched_equals_unbatched(mt):
+    """Contexts of different lengths (prompts of 4 to 12 words, one with an image) in one call."""
+    model, tok = mt
+    prompts = ["a photo of a cross", "a photo of two rings and a big blue square on the left", "a photo of a ring"]
+    gcs = _conds(model, tok, prompts)
+    gcs[1].add_image(text_to_image(model, tok, "x", image_hw=HW, sampler=SamplerSettings(num_timesteps=2),
+                                   generator=torch.Generator().manual_seed(0)), vae_hw=HW, vit_hw=(28, 28),
+                     posterior="mean")
+    assert len({g.cond.length for g in gcs}) == 3
+    eps = _noise(model, 3, seed=1)
+    gh, gw = latent_grid(model, HW)
+    z = _noise(model, 1, seed=2)[0]
+    keep = [None, (z, region_token_mask([[100, 100, 600, 900]], (gh, gw))), None]
+    kw = dict(hw=HW, num_timesteps=4)
+    runs = [generate_images(model, [g.cond for g in gcs], [g.uncond_text for g in gcs], [g.uncond_img for g in gcs],
+                            init_noise=eps, keep=keep, packed=packed, **kw) for packed in (True, 2)]
+    for j, g in enumerate(gcs):
+        (one,) = generate_images(model, [g.cond], [g.uncond_text], [g.uncond_img], init_noise=[eps[j]],
+                                 keep=[keep[j]], **kw)
+        for batched in runs:
+            torch.testing.assert_close(batched[j], one, rtol=1e-5, atol=1e-5)
+
+    texts = generate_texts([g.cond for g in gcs], 6, return_logits=True)
+    for g, t in zip(gcs, texts):
+        one = generate_text(g.cond, 6, return_logits=True)
+        assert t.ids == one.ids and t.stopped == one.stopped
+        torch.testing.assert_close(t.logits, one.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_paired_bootstrap():
+    tags = ["a"] * 50 + ["b"] * 50
+    a = [True] * 100
+    b = [False] * 50 + [True] * 50
+    d = paired_bootstrap(a, b, tags, n_boot=500)
+    assert d["a"] == {"diff": 1.0, "lo": 1.0, "hi": 1.0} and d["b"]["diff"] == 0.0
+    assert d["overall"]["diff"] == 0.5 and d["overall"]["lo"] == d["overall"]["hi"] == 0.5
+    rng = np.random.default_rng(0)
+    x, y = rng.random(200) < 0.6, rng.random(200) < 0.4
+    d = paired_bootstrap(x, y, ["t"] * 200, n_boot=1000)
+    assert d["t"]["lo"] < d["t"]["diff"] < d["t"]["hi"] and d["t"]["hi"] - d["t"]["lo"] < 0.3
+
+
+class ScriptedTokenizer:
+    """The real tokenizer for encoding; ``decode`` returns scripted plans / reflections in call order,
+    so verdict gating and region inpainting run on a random model."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, list(texts)
+        self.all_special_ids = tok.all_special_ids
+
+    def encode(self, text, add_special_tokens=False):
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.texts.pop(0)
+
+
+def test_ablation_end_to_end(fixture_dir, tmp_path):
+    model, tok = load_bagel(fixture_dir, dtype=torch.float32), load_tokenizer(fixture_dir)  # gets an adapter
+    records, folder = ablation_records(4, seed=1011, size=32, cache_dir=tmp_path / "cache")
+    assert (folder / "records.jsonl").is_file() and len(records) == 4
+    assert ablation_records(4, seed=1011, size=32, cache_dir=tmp_path / "cache")[0] == records  # cached
+    plans = ["a shape\n<box>circle square triangle cross ring [100,100,400,400]</box>"] * 4  # any missing class
+    refls = [
+        "<verdict>ok</verdict>",
+        "<verdict>revise</verdict>\nwrong colour\n<region>color red circle [0,0,500,500]</region>",
+        "not a reflection",
+        "<verdict>ok</verdict>",
+    ]
+    attach_adapters(model, AdapterConfig(r=4, init="gaussian"))
+    for p in model.parameters():  # a visible adapter: B is zero at init
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    res = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 3)), records, modes=ALL_ABLATION_MODES,
+                       batch_size=3, image_hw=HW, sampler=SamplerSettings(num_timesteps=3), text=TextSettings(8, 8),
+                       out_dir=tmp_path / "out", n_boot=200, progress=False)
+    with adapters_disabled(model):  # the base mode really runs without the adapter
+        base0 = text_to_image(model, tok, records[0]["prompt"], image_hw=HW,
+                              sampler=SamplerSettings(num_timesteps=3), init_noise=_noise_of(model, 0))
+    out = tmp_path / "out"
+    img = {m: [np.asarray(_open(out / r[m]["image"])) for r in res["prompts"]] for m in ALL_ABLATION_MODES}
+    assert np.abs(img["base"][0].astype(int) - np.asarray(base0).astype(int)).max() <= 1
+    assert any(not np.array_equal(a, b) for a, b in zip(img["base"], img["t2i"]))
+    refl = [r["reflection"] for r in res["prompts"]]
+    assert [x["verdict"] for x in refl] == ["ok", "revise", "revise", "ok"]
+    assert [x["parsed"] for x in refl] == [True, True, False, True]
+    for k, x in enumerate(refl):  # correction only on revise; ok keeps the draft
+        same = np.array_equal(img["mcot"][k], img["plan-act"][k])
+        assert same == (x["verdict"] == "ok")
+    assert refl[1]["regions"] == [[0, 0, 500, 500]]
+    # noise: every asked-for object is missing, so the failed area is the plan's box (32 px: 10x10 px)
+    # and the flagged region is 16x16 px around it
+    assert refl[1]["iou"] == pytest.approx(100 / 256) and refl[0]["iou"] is None
+    assert res["reflection"]["region_iou_n"] == 1
+    gh, gw = latent_grid(model, HW)
+    assert refl[1]["inpainted_tokens"] == int(region_token_mask([[0, 0, 500, 500]], (gh, gw)).sum())
+    assert refl[2]["inpainted_tokens"] == gh * gw  # unparseable: the whole image
+    # inpainting leaves the pixels far from the region (nearly) as drawn; regenerating does not
+    far = (slice(24, 32), slice(24, 32))
+    d_in = np.abs(img["mcot"][1][far].astype(int) - img["plan-act"][1][far].astype(int)).mean()
+    d_re = np.abs(img["mcot-regen"][1][far].astype(int) - img["plan-act"][1][far].astype(int)).mean()
+    assert d_in < d_re
+    assert res["reflection"]["confusion"]["truth revise / said ok"] == 2  # noise never passes
+    assert set(res["seconds_per_prompt"]) == set(ALL_ABLATION_MODES)
+    assert all(v > 0 for v in res["seconds_per_prompt"].values())
+    assert set(res["differences"]) == {"mcot - t2i-twice", "plan-act - t2i-twice", "mcot - plan-act"}
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["scores"] == res["scores"] and saved["n"] == 4
+    md = (out / "ablation.md").read_text()
+    assert "mcot - plan-act" in md and "verdict accuracy" in md and "| t2i-twice |" in md
+    for m in ALL_ABLATION_MODES:
+        assert (out / "sheets" / f"failures_{m}.png").is_file()
+    assert (out / "sheets" / "corrections.png").is_file()
+
+    # batching does not change the results
+    res1 = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 1)), records, modes=ALL_ABLATION_MODES,
+                        batch_size=1, image_hw=HW, sampler=SamplerSettings(num_timesteps=3), text=TextSettings(8, 8),
+                        out_dir=tmp_path / "out1", n_boot=200, progress=False)
+    for m in ALL_ABLATION_MODES:
+        for r, r1 in zip(res["prompts"], res1["prompts"]):
+            a, b = (np.asarray(_open(o / x[m]["image"])).astype(int) for o, x in ((out, r), (tmp_path / "out1", r1)))
+            assert np.abs(a - b).max() <= 1, m
+    with pytest.raises(ValueError, match="modes"):
+        run_ablation(model, tok, records, modes=("nope",))
+
+
+def _script(plans, refls, batch):
+    """The order texts are decoded in: per batch, its plans, then its reflections."""
+    out = []
+    for b in range(0, len(plans), batch):
+        out += plans[b:b + batch] + refls[b:b + batch]
+    return out
+
+
+def _noise_of(model, i, seed=0):
+    gh, gw = latent_grid(model, HW)
+    return torch.randn(gh * gw, model.cfg.patch_latent_dim, generator=torch.Generator().manual_seed(seed + i))
+
+
+def _open(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def test_eval_shapes_ablation_cli(fixture_dir, tmp_path, capsys):
+    from ftkit.infer.cli import eval_main
+
+    _, folder = ablation_records(3, seed=1011, size=32, cache_dir=tmp_path / "cache")
+    out = tmp_path / "abl"
+    rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--size", "32",
+                    "--steps", "3", "--max-new-tokens", "4", "--batch", "2", "--out", str(out),
+                    "--ablation-modes", "t2i", "t2i-twice", "plan-act", "mcot"])
+    assert rc == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["n"] == 3 and res["modes"] == ["t2i", "t2i-twice", "plan-act", "mcot"] and res["data"] == str(folder)
+    assert "| mcot |" in capsys.readouterr().out and (out / "ablation.md").is_file()
+    rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--batch", "0",
+                    "--out", str(tmp_path / "bad")])
+    assert rc == 1 and "batch_size" in capsys.readouterr().err
