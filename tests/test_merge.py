@@ -31,6 +31,7 @@ from ftkit.adapters.merge import (
     probe_batch,
     run_probe,
 )
+from ftkit.errors import FtkitError
 from ftkit.models.loading import load_bagel
 from ftkit.models.release import build_random_bagel, tiny_bagel_config
 
@@ -229,8 +230,14 @@ def test_refuses_missing_files_and_existing_output(fixture_dir, lora_adapter, wo
     with pytest.raises(FileExistsError, match="overwrite"):
         merge(fixture_dir, lora_adapter, existing)
     assert (existing / "keep.txt").read_text() == "mine"
-    merge(fixture_dir, lora_adapter, existing, overwrite=True, verify=False)
-    assert not (existing / "keep.txt").exists() and (existing / "ema.safetensors").is_file()
+    with pytest.raises(FtkitError, match="replaces only a model folder.*nothing was deleted"):
+        merge(fixture_dir, lora_adapter, existing, overwrite=True, verify=False)
+    assert (existing / "keep.txt").read_text() == "mine"
+    model_out = work / "existing-model"
+    merge(fixture_dir, lora_adapter, model_out, verify=False)
+    (model_out / "stale.txt").write_text("old")
+    merge(fixture_dir, lora_adapter, model_out, overwrite=True, verify=False)  # a model folder: replaced whole
+    assert not (model_out / "stale.txt").exists() and (model_out / "ema.safetensors").is_file()
     assert not (work / "never-missing").exists() and no_leftovers(work)
 
 

@@ -23,6 +23,7 @@ from ftkit.adapters.cli import merge_main
 from ftkit.adapters.io import load_adapter
 from ftkit.adapters.merge import merge_into_model, probe_batch, run_probe
 from ftkit.adapters.merge_fox import is_fox_folder, merge_fox
+from ftkit.errors import FtkitError
 from ftkit.models.fox import build_fox, load_fox, load_fox_tokenizer, save_fox
 
 PREFIX = "language_model.model."
@@ -278,10 +279,16 @@ def test_cli_refusals(bases, gen_adapter, work, capsys):
     argv = ["--base", str(bases["shared"]), "--adapter", str(gen_adapter), "--out", str(existing), "--dtype", "fp32"]
     assert merge_main(argv) == 1
     assert "output folder exists" in capsys.readouterr().err and (existing / "keep.txt").read_text() == "mine"
+    assert merge_main([*argv, "--overwrite", "--no-verify"]) == 1  # not a model folder: never deleted
+    assert "replaces only a model folder" in capsys.readouterr().err and (existing / "keep.txt").read_text() == "mine"
+    out = work / "fox-out"
+    argv = ["--base", str(bases["shared"]), "--adapter", str(gen_adapter), "--out", str(out), "--dtype", "fp32"]
+    assert merge_main([*argv, "--no-verify"]) == 0
+    (out / "stale.txt").write_text("old")
     assert merge_main([*argv, "--overwrite", "--no-verify", "--max-shard-size", "1GB"]) == 0
     io = capsys.readouterr()
     assert "verification: skipped" in io.out and "ignored for a FoX base" in io.err
-    assert not (existing / "keep.txt").exists() and is_fox_folder(existing)
+    assert not (out / "stale.txt").exists() and is_fox_folder(out)
     assert no_leftovers(work)
 
 
@@ -326,7 +333,7 @@ def test_refuses_missing_files_existing_output_and_bad_verification(bases, gen_a
         merge_fox(work / "not-fox", gen_adapter, work / "never")
     with pytest.raises(FileExistsError, match="overwrite"):
         merge_fox(bases["shared"], gen_adapter, bases["copy"])
-    with pytest.raises(MergeError, match="must differ"):
+    with pytest.raises(FtkitError, match="output folder is the input"):
         merge_fox(bases["shared"], gen_adapter, bases["shared"], overwrite=True)
     with pytest.raises(MergeError, match="verification failed.*nothing written"):
         merge_fox(bases["shared"], gen_adapter, work / "never", tolerance=0.0)  # bf16 rounding > 0

@@ -42,6 +42,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     from ftkit.adapters.io import AdapterError
     from ftkit.adapters.merge import MergeError, merge, verification_text
     from ftkit.adapters.merge_fox import is_fox_folder, merge_fox
+    from ftkit.errors import FtkitError
 
     try:
         if is_fox_folder(a.base):
@@ -53,7 +54,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         else:
             rep = merge(a.base, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size,
                         overwrite=a.overwrite, verify=not a.no_verify, tolerance=a.tolerance, progress=True)
-    except (FileNotFoundError, FileExistsError, AdapterError, MergeError, OSError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, AdapterError, MergeError, FtkitError, OSError, ValueError) as e:
         print(f"ftkit merge: error: {e}", file=sys.stderr)
         return 1
     print(f"merged {rep.merged} projections ({rep.method})"
