@@ -200,3 +200,45 @@ def test_estimate_prices_each_recipes_own_model_and_takes_overrides(release, cap
     assert main(["estimate", "no-such-recipe"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-recipe" in err[0] and "known:" in err[0]
+
+
+def test_generate_uses_the_models_size_and_refuses_broken_inputs(release, adapter, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ftkit.infer.cli import generate_main
+    from ftkit.models.folders import read_model_config
+
+    folder, _, _ = release
+    cfg = read_model_config(folder)
+    side = cfg.default_image_size()
+    assert cfg.vae_downsample == 2 and side == cfg.max_latent_size * 2 * cfg.latent_patch_size  # AE of stride 2
+    argv = ["--model", str(folder), "--prompt", "a photo of a red circle", "--mode", "t2i", "--steps", "2"]
+    assert generate_main([*argv, "--adapter", str(adapter), "--out", str(tmp_path / "g")]) == 0
+    assert f"at {side}x{side} px" in capsys.readouterr().out
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "g").rglob("*.png"))
+    assert pngs and Image.open(next(p for p in pngs if "sheet" not in p.name)).size == (side, side)
+    # a diverged adapter (NaN weights, written by another tool) is refused: no black PNG
+    nan = tmp_path / "nan"
+    shutil.copytree(adapter, nan)
+    t = load_file(str(nan / "adapter_model.safetensors"))
+    k = next(k for k in t if "lora_A" in k)
+    t[k] = torch.full_like(t[k], float("nan"))
+    save_file(t, str(nan / "adapter_model.safetensors"))
+    meta = json.loads((nan / "ftkit_adapter.json").read_text())
+    meta.pop("sha256")
+    (nan / "ftkit_adapter.json").write_text(json.dumps(meta))
+    assert generate_main([*argv, "--adapter", str(nan), "--out", str(tmp_path / "n")]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and str(nan) in err and not (tmp_path / "n").exists()
+    # a truncated tokenizer.json is named
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    tj = broken / "tokenizer.json"
+    tj.write_text(tj.read_text()[:500])
+    assert generate_main(["--model", str(broken), *argv[2:], "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tj}: not valid JSON" in err and len(err.strip().splitlines()) == 1

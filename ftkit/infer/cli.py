@@ -234,8 +234,9 @@ def _add_model_args(ap: argparse.ArgumentParser) -> None:
 
 def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: int = 128) -> None:
     g = ap.add_argument_group("sampling")
-    g.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
-                   help="image size: S (square) or H W, multiples of the VAE stride (16 on BAGEL); default 64")
+    g.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
+                   help="image size: S (square) or H W, multiples of the VAE stride (16 on BAGEL); default: the "
+                        "model's (the largest its latent position table holds, at most 1024: BAGEL-7B-MoT 1024)")
     g.add_argument("--steps", type=int, default=steps, help=f"Euler steps of the flow sampler (default {steps})")
     g.add_argument("--shift", type=float, default=3.0, help="timestep shift (default 3.0)")
     g.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale (default 4.0)")
@@ -252,9 +253,16 @@ def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: i
 def _settings(a: argparse.Namespace):
     from ftkit.infer.mcot import SamplerSettings, TextSettings
 
-    if len(a.size) not in (1, 2):
+    if a.size is None:
+        from ftkit.models.folders import read_model_config
+
+        side = read_model_config(a.model).default_image_size()
+        hw = (side, side)
+        log.info("image size %dx%d px (the model's default; --size to change)", side, side)
+    elif len(a.size) not in (1, 2):
         raise ValueError(f"--size takes 1 or 2 values (S or H W), got {len(a.size)}")
-    hw = (a.size[0], a.size[0]) if len(a.size) == 1 else (a.size[0], a.size[1])
+    else:
+        hw = (a.size[0], a.size[0]) if len(a.size) == 1 else (a.size[0], a.size[1])
     if a.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {a.steps}")
     if a.max_new_tokens < 1:
@@ -280,6 +288,16 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: output folder is not empty (pass --overwrite to replace it)")
     return out
+
+
+def check_finite(model, source) -> None:
+    """Refuse weights with NaN/inf (a diverged adapter would draw black images): names ``source`` and a tensor."""
+    from ftkit.models.loading import CheckpointError
+
+    for n, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{source}: weight {n} holds non-finite values (NaN/inf); refusing to generate "
+                                  "from a diverged model")
 
 
 def _errors():
@@ -404,13 +422,18 @@ def generate_main(argv: list[str] | None = None) -> int:
         t_load = time.perf_counter() - t0
         info = {"model": str(Path(a.model).resolve()), "adapter": str(Path(a.adapter).resolve()) if a.adapter else None,
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "load_seconds": round(t_load, 3)}
-        with atomic_dir(out, overwrite=True) as tmp:
-            index = generate(model, tok, prompts, tmp, mode=a.mode, rounds=a.rounds, plan=not a.no_plan, image_hw=hw,
-                             sampler=sampler, text=text, seed=a.seed, info=info)
+        check_finite(model, a.adapter or a.model)
+        try:
+            with atomic_dir(out, overwrite=True) as tmp:
+                index = generate(model, tok, prompts, tmp, mode=a.mode, rounds=a.rounds, plan=not a.no_plan,
+                                 image_hw=hw, sampler=sampler, text=text, seed=a.seed, info=info)
+        except OSError as e:
+            raise OSError(e.errno, f"{out}: writing the outputs failed ({e.strerror or e}); nothing was written "
+                                   "there") from e
     except _errors() as e:
         print(f"ftkit generate: error: {_fmt_err(e)}", file=sys.stderr)
         return 1
-    print(f"generated {len(prompts)} prompt(s) ({a.mode}) in {index['seconds']:.1f} s "
+    print(f"generated {len(prompts)} prompt(s) ({a.mode}) at {hw[0]}x{hw[1]} px in {index['seconds']:.1f} s "
           f"(model loaded in {t_load:.1f} s); wrote {out} (index.json)")
     return 0
 
@@ -514,6 +537,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         if a.n is not None:
             records = balanced_subset(records, a.n)
         model, tok = load_for_inference(a.model, a.adapter, dtype=a.dtype, device=a.device, quantize=a.quantize)
+        check_finite(model, a.adapter or a.model)
         info = {"model": str(Path(a.model).resolve()), "adapter": str(Path(a.adapter).resolve()) if a.adapter else None,
                 "data": a.data}
         with atomic_dir(out, overwrite=True) as tmp:
@@ -534,11 +558,12 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     if a.ablation:
         print(ablation_markdown(res), end="")
-        print(f"ablation of {res['n']} prompt(s); wrote {out} (ablation.json, ablation.md, sheets/)")
+        print(f"ablation of {res['n']} prompt(s) at {hw[0]}x{hw[1]} px; wrote {out} (ablation.json, ablation.md, "
+              "sheets/)")
         return 0
 
     print(results_table(res["scores"], res["counts"]))
-    print(f"evaluated {res['n']} prompt(s) in {res['seconds']:.1f} s; wrote {out} (results.json, results.md, "
+    print(f"evaluated {res['n']} prompt(s) at {hw[0]}x{hw[1]} px in {res['seconds']:.1f} s; wrote {out} (results.json, results.md, "
           f"{res['failure_sheets']} failure sheet(s) in failures/)")
     return 0
 

@@ -193,6 +193,12 @@ class BagelConfig:
                 "vit_max_patches_per_side": self.vit_max_num_patch_per_side, "vae_downsample": self.vae_downsample,
                 "latent_patch_size": self.latent_patch_size, "max_latent_size": self.max_latent_size}
 
+    def default_image_size(self) -> int:
+        """The largest square image (px) the latent position table holds, capped at 1024:
+        ``max_latent_size x vae_downsample x latent_patch_size`` (BAGEL-7B-MoT: 64 x 8 x 2 = 1024, upstream's
+        default generation size)."""
+        return min(1024, self.max_latent_size * self.vae_downsample * self.latent_patch_size)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

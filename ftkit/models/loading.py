@@ -636,7 +636,17 @@ def load_tokenizer(folder: str | Path):
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json"):
+        f = folder / name
+        if f.is_file():  # transformers' own errors do not say which file is broken
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: not valid JSON ({e}); the tokenizer cannot be loaded") from e
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
