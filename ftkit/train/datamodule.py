@@ -31,9 +31,10 @@ class BatchItem:
     batch: PackedBatch
     index: int  # global batch index (seed for the model's noise draws)
     num_samples: int
+    record_ids: tuple[str, ...] = ()  # the packed records' ids, for messages about this batch
 
     def to(self, device):
-        return BatchItem(self.batch.to(device), self.index, self.num_samples)
+        return BatchItem(self.batch.to(device), self.index, self.num_samples, self.record_ids)
 
 
 def mixture_table(parts: list, records) -> list[dict]:
@@ -100,8 +101,9 @@ class PackedStream(IterableDataset):
     def _batch(self, gidx: int, record_ids: list[int]) -> BatchItem:
         dm = self.dm
         g = torch.Generator().manual_seed(dm.seed * 7_919 + gidx)
-        samples = []
+        samples, ids = [], []
         for rid in record_ids:
+            ids.append(str(getattr(dm.records[rid], "id", rid)))
             segs = dm.segments(rid, train=self.train)
             if self.train and dm.cfg_dropout:
                 segs = apply_cfg_dropout(segs, *dm.cfg_dropout, generator=g)
@@ -109,7 +111,7 @@ class PackedStream(IterableDataset):
                 if s.kind == Kind.VAE_NOISY and s.timestep_logit is None:
                     s.timestep_logit = float(torch.randn((), generator=g))
             samples.append(segs)
-        return BatchItem(pack(samples, dm.pack_cfg), gidx, len(samples))
+        return BatchItem(pack(samples, dm.pack_cfg), gidx, len(samples), tuple(ids))
 
     def __iter__(self):
         dm = self.dm

@@ -22,10 +22,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ftkit.errors import FtkitError
 from ftkit.models import kernels
 from ftkit.segments import STEP_NAMES, Step
 
 log = logging.getLogger("ftkit")
+
+
+class NonFiniteError(FtkitError):
+    """A loss or gradient became NaN/inf: the run stops before anything non-finite is written."""
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16}
@@ -59,6 +64,9 @@ class MCoTModule(L.LightningModule):
         vae_cache_size: cache the frozen VAE encoder's posterior moments of this many images (exact;
             the posterior is still sampled each step). Useful on small datasets / CPU.
         seed: seed for the step's random draws.
+        nonfinite: what a non-finite loss or gradient does: "stop" the run (an error naming the step and the
+            batch's record ids; nothing non-finite is ever checkpointed or exported) or "skip" the batch (no
+            optimizer step), at most ``max_skipped`` times, then stop.
     """
 
     def __init__(
@@ -84,6 +92,8 @@ class MCoTModule(L.LightningModule):
         tiny: dict | None = None,
         vae_cache_size: int = 0,
         seed: int = 0,
+        nonfinite: str = "stop",
+        max_skipped: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +107,9 @@ class MCoTModule(L.LightningModule):
         self.adapter_cfg = AdapterConfig(**adapter) if adapter is not None else None
         lw = dict(loss or {})
         self.loss_weights = LossWeights(**lw)
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite {nonfinite!r}: choose stop or skip")
+        self._skipped = 0
         self.model = None
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._t0 = None
@@ -165,12 +178,14 @@ class MCoTModule(L.LightningModule):
             shard_fsdp2(model, mesh)
         self.model = model
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        bad = [k for k, v in checkpoint["state_dict"].items()
+               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteError(f"step {self.global_step}: refusing to checkpoint non-finite weights ({bad[0]} and "
+                                 f"{len(bad) - 1} more)")
         checkpoint["ftkit"] = {"model_path": str(self.hparams.model_path), "trainable": sorted(keep)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -241,8 +256,30 @@ class MCoTModule(L.LightningModule):
         logs["total"] = total.detach()
         return total, logs
 
+    def _nonfinite(self, item, what: str) -> None:
+        """Stop (or, with ``nonfinite: skip``, skip up to ``max_skipped`` batches) on a non-finite ``what``."""
+        ids = ", ".join(item.record_ids[:8]) + (", ..." if len(item.record_ids) > 8 else "")
+        msg = f"step {self.global_step}: non-finite {what} on batch {item.index} (records: {ids or 'unknown'})"
+        self._skipped += 1
+        if self.hparams.nonfinite == "skip" and self._skipped <= self.hparams.max_skipped:
+            log.warning("%s; batch skipped (%d of at most %d)", msg, self._skipped, self.hparams.max_skipped)
+            return
+        raise NonFiniteError(f"{msg}; stopped before any non-finite weight was written (lower model.lr, or "
+                             f"model.nonfinite skip with model.max_skipped > {self.hparams.max_skipped})")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._nonfinite(self._item, "gradient")
+            for p in self.parameters():  # skipped: no update from this batch
+                p.grad = None
+
     def training_step(self, item, batch_idx):
         loss, logs = self.compute_losses(item)
+        self._item = item
+        if not bool(torch.isfinite(loss)):
+            self._nonfinite(item, "loss")
+            return None
         bs = item.num_samples
         for k, v in logs.items():
             self.log(f"train/{k}", v, prog_bar=k in ("total", "ce", "mse"), batch_size=bs, sync_dist=False)
