@@ -5,7 +5,10 @@ import math
 
 from safetensors.torch import load_file
 
-from tests.test_train import metrics, run_fit, tiny_env, write_recipe  # noqa: F401  (tiny_env is a fixture)
+from tests import test_train as tt
+from tests.test_train import metrics, run_fit, write_recipe
+
+tiny_env = tt.tiny_env  # the session fixture of test_train
 
 
 def _all_finite_checkpoints(run_dir):
