@@ -59,7 +59,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 def ensure_tiny_bagel(path: str | Path, *, corpus: str, vocab_size: int = 1024, hidden: int = 128, layers: int = 4,
                       heads: int = 4, kv_heads: int = 2, intermediate: int = 256, vit_hidden: int = 64,
-                      vit_layers: int = 2, vit_heads: int = 2, vit_intermediate: int = 128, max_latent_size: int = 8,
+                      vit_layers: int = 2, vit_heads: int = 2, vit_intermediate: int = 128, max_latent_size: int = 4,
                       vit_max: int = 8, ae_ch: int = 32, seed: int = 0) -> Path:
     """Build (once) a tiny random BAGEL with a tokenizer trained on ``corpus`` and save it at ``path``."""
     from ftkit.models.loading import special_token_ids
