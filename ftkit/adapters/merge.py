@@ -45,17 +45,15 @@ import torch.nn as nn
 
 from ftkit.adapters.io import FTKIT_META, AdapterError, AdapterFolder, architecture_dict, split_disk_key
 from ftkit.errors import FtkitError
-from ftkit.models.loading import ST_DTYPES, ST_TAGS
+from ftkit.models.folders import SHARD_INDEX, ST_DTYPES, ST_TAGS, parse_dtype
 
 WEIGHTS = "ema.safetensors"
-INDEX = "model.safetensors.index.json"
+INDEX = SHARD_INDEX
 CONFIG_FILES = ("llm_config.json", "vit_config.json")
 OPTIONAL_FILES = ("ae.safetensors", "ae_config.json", "ftkit_bagel.json", "vocab.json", "merges.txt",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                   "generation_config.json")
 CHUNK_BYTES = 64 << 20  # fp32 working block of a merge / copy
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16}
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|quant_state")
 FOUR_BIT_EXPLANATION = (
     "ftkit does not merge adapters into 4-bit (or 8-bit) weights: that would dequantize each weight, add the "
@@ -440,9 +438,8 @@ def probe_batch(cfg, seed: int = 0):
 
     Returns (batch, forward kwargs with fixed flow noise and VAE posterior noise).
     """
-    from ftkit.data.packer import pack
+    from ftkit.data.packer import PackConfig, pack
     from ftkit.segments import Kind, Segment, Step
-    from ftkit.testing import pack_config_for
 
     g = torch.Generator().manual_seed(seed)
     vocab = cfg.llm.vocab_size
@@ -454,7 +451,7 @@ def probe_batch(cfg, seed: int = 0):
             Segment(Kind.VAE_CLEAN, image=img(vae_side)),
             Segment(Kind.TEXT, Step.PLAN, text_ids=ids(6), loss=True),
             Segment(Kind.VAE_NOISY, Step.DRAFT, image=img(vae_side), loss=True, timestep_logit=0.3)]
-    batch = pack([segs], pack_config_for(cfg))
+    batch = pack([segs], PackConfig(**cfg.pack_config()))
     lat = vae_side // cfg.vae_downsample
     eps = [torch.randn(cfg.latent_channels, lat, lat, generator=g) for _ in batch.vae_images]
     noise = torch.randn(batch.vae_token_indexes.numel(), cfg.patch_latent_dim, generator=g)
@@ -614,10 +611,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
         raise TypeError("merge() takes the base release FOLDER (streaming); for an in-memory model use "
                         "merge_into_model(model)")
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: base folder not found")

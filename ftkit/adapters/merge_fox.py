@@ -52,7 +52,6 @@ from ftkit.adapters.attach import lora_layers
 from ftkit.adapters.config import AdapterConfigError
 from ftkit.adapters.io import AdapterError, AdapterFolder, load_adapter, split_disk_key
 from ftkit.adapters.merge import (
-    DTYPES,
     MergeError,
     MergeReport,
     card_adapter_rows,
@@ -63,9 +62,9 @@ from ftkit.adapters.merge import (
     run_probe,
     verification_text,
 )
+from ftkit.models.folders import FOX_MODEL_TYPE, is_fox_folder, parse_dtype  # noqa: F401
 from ftkit.models.fox import unique_tensors
 
-FOX_MODEL_TYPE = "ftkit-fox"  # == ftkit.models.fox.MODEL_TYPE (not imported here: keeps is_fox_folder light)
 WEIGHTS = "model.safetensors"
 LORA_MARK = "lora_"
 
@@ -86,14 +85,6 @@ class FoxMergeReport(MergeReport):
     untied_other: list[str] = field(default_factory=list)
 
 
-def is_fox_folder(path: str | os.PathLike) -> bool:
-    """True if ``path/config.json`` is a JSON object with ``model_type == "ftkit-fox"`` (no other check)."""
-    cfg = Path(path) / "config.json"
-    try:
-        d = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(d, dict) and d.get("model_type") == FOX_MODEL_TYPE
 
 
 # ----------------------------------------------------------------------------- untying shared weights
@@ -252,10 +243,7 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     if isinstance(base, nn.Module):
         raise TypeError("merge_fox() takes the base FoX FOLDER; for an in-memory model use merge_into_model(model)")
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype)
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: base folder not found")
     cfg_path = base / "config.json"

@@ -29,16 +29,9 @@ from pathlib import Path
 
 import torch
 
+from ftkit.models.folders import DTYPES, FOLDER_HELP, FOX_MODEL_TYPE, SHARD_INDEX, detect_model_folder  # noqa: F401
+
 log = logging.getLogger("ftkit")
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-FOX_MODEL_TYPE = "ftkit-fox"
-SHARD_INDEX = "model.safetensors.index.json"
-FOLDER_HELP = ("expected a BAGEL release folder (llm_config.json, vit_config.json, ema.safetensors or "
-               f"{SHARD_INDEX}, ae.safetensors, tokenizer files), a folder written by `ftkit merge`, or an ftkit "
-               "FoX folder (config.json with model_type 'ftkit-fox')")
-
 
 # ============================================================================================ loading
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -68,39 +61,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def detect_model_folder(path: str | os.PathLike) -> str:
-    """Which kind of model folder ``path`` is: ``"bagel"`` (one ``ema.safetensors``), ``"bagel-sharded"``
-    (shards + ``model.safetensors.index.json``, as ``ftkit merge`` writes) or ``"fox"``.
-
-    Raises:
-        FileNotFoundError: the folder does not exist, or holds none of the layouts (names what is missing).
-        ValueError: ``config.json`` is unreadable or names another ``model_type``.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "not found"
-        raise FileNotFoundError(f"{folder}: model folder {what}; {FOLDER_HELP}")
-    cfg = folder / "config.json"
-    if not (folder / "llm_config.json").is_file() and cfg.is_file():
-        try:
-            raw = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg}: not valid JSON ({e})") from e
-        mt = raw.get("model_type") if isinstance(raw, dict) else None
-        if mt != FOX_MODEL_TYPE:
-            raise ValueError(f"{cfg}: field model_type is {mt!r}; ftkit reads '{FOX_MODEL_TYPE}' folders here "
-                             f"(a transformers/diffusers checkpoint is not a BAGEL/FoX folder). {FOLDER_HELP}")
-        return "fox"
-    if (folder / "llm_config.json").is_file():
-        if (folder / "ema.safetensors").is_file():
-            return "bagel"
-        if (folder / SHARD_INDEX).is_file():
-            return "bagel-sharded"
-        raise FileNotFoundError(f"{folder}: has llm_config.json but neither ema.safetensors nor {SHARD_INDEX}; "
-                                f"{FOLDER_HELP}")
-    raise FileNotFoundError(f"{folder}: not a model folder (no llm_config.json, no config.json); {FOLDER_HELP}")
 
 
 def _adapter_base(adapter: Path) -> tuple[str | None, list[str]]:

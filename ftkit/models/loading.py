@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from ftkit.errors import FtkitError
 from ftkit.models.bagel import BagelModel
@@ -55,23 +54,6 @@ def _fmt_keys(keys: Iterable[str], n: int = 8) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
-
-
-def open_safetensors(path: Path):
-    """``safe_open`` handle of ``path`` (memory-mapped; fine for shapes and small tensors).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the header cannot be read (truncated or corrupt file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt headers
-        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}); "
-                              "the file is truncated or corrupt, download it again") from e
 
 
 class SafetensorsFile:

@@ -215,8 +215,11 @@ class MCoTDataModule(L.LightningDataModule):
             raise ValueError("MCoTDataModule needs model_path (the backbone folder holding the tokenizer)")
         self.tokenizer = load_tokenizer(self.model_path)
         sp = special_token_ids(self.tokenizer)
-        geo = _geometry(Path(self.model_path))
-        self.pack_cfg = PackConfig(sp["bos_id"], sp["eos_id"], sp["start_of_image"], sp["end_of_image"], **geo)
+        from ftkit.models.folders import read_model_config
+
+        geo = read_model_config(Path(self.model_path)).pack_config()  # the model's own geometry (any folder kind)
+        geo.update({k: sp[k] for k in ("bos_id", "eos_id", "start_of_image", "end_of_image")})  # the tokenizer's ids
+        self.pack_cfg = PackConfig(**geo)
         self.builder_cfg = BuilderConfig(start_of_image=sp["start_of_image"], vae_image_size=self.vae_image_size,
                                          vit_image_size=self.vit_image_size,
                                          vae_stride=self.pack_cfg.vae_stride, vit_patch_size=self.pack_cfg.vit_patch_size,
@@ -345,29 +348,6 @@ class _ValStream(IterableDataset):
 
 def _val_item(samples, dm, k) -> BatchItem:
     return BatchItem(pack(samples, dm.pack_cfg), 10**9 + k, len(samples))
-
-
-def _geometry(folder: Path) -> dict:
-    """Packer geometry of a backbone folder (BAGEL release or ftkit FoX), read from its configs."""
-    import json
-
-    from ftkit.models.loading import infer_bagel_config, open_safetensors  # noqa: F401
-
-    vit_patch = 14
-    if (folder / "vit_config.json").is_file():
-        vit_patch = int(json.loads((folder / "vit_config.json").read_text()).get("patch_size", 14))
-    extra = {}
-    if (folder / "ema.safetensors").is_file():
-        from ftkit.models.config import LLMConfig, ViTConfig
-
-        extra = infer_bagel_config(folder, LLMConfig(), ViTConfig(), folder / "ema.safetensors")
-    elif (folder / "config.json").is_file():
-        cfg = json.loads((folder / "config.json").read_text())
-        bc = cfg.get("bagel_config", cfg)
-        extra = {k: bc[k] for k in ("max_latent_size", "vit_max_num_patch_per_side") if k in bc}
-        vit_patch = int(bc.get("vit", {}).get("patch_size", vit_patch))
-    return {"vit_patch_size": vit_patch, "vit_max_patches_per_side": extra.get("vit_max_num_patch_per_side", 70),
-            "vae_downsample": 8, "latent_patch_size": 2, "max_latent_size": extra.get("max_latent_size", 64)}
 
 
 __all__ = ["MCoTDataModule", "BatchItem", "plan_epoch"]

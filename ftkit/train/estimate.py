@@ -25,9 +25,9 @@ import math
 from pathlib import Path
 
 from ftkit.models.config import LLMConfig, ViTConfig
+from ftkit.models.folders import dtype_bytes
 from ftkit.train.recipe import compose, find_recipe, split_ftkit
 
-BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2}
 GB = 2**30
 
 
@@ -71,7 +71,7 @@ def estimate(cfg: dict) -> dict:
     data = cfg.get("data", {})
     llm, vit, vae_params, source = _configs(model)
     experts = 3 if model.get("three_experts") or model.get("backbone") == "fox" else 2
-    dt = BYTES[model.get("dtype", "bf16")]
+    dt = dtype_bytes(model.get("dtype", "bf16"))
     H, Im, Lyr, V = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers, llm.vocab_size
     kv = llm.num_key_value_heads * llm.head_dim
     lin_shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, Im), (H, Im), (Im, H)]  # q k v o gate up down (in, out)
