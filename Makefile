@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 FTKIT  := $(VENV)/bin/ftkit
 recipe ?= tiny-mcot
 ARGS   ?=
+# MODEL=PATH: the recipe's weights folder (same as ARGS="--model.model_path PATH")
+MODEL  ?=
 # CPU machines take the CPU build of torch that pip finds for this exact pin; on a GPU machine
 # `make setup TORCH=torch` keeps whatever CUDA build you already have.
 TORCH  ?= torch==2.13.0
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints-ci.txt
 setup: $(VENV)/.installed
 
 recipe: setup
-	$(FTKIT) fit --config recipes/$(recipe).yaml $(ARGS)
+	$(FTKIT) fit --config recipes/$(recipe).yaml $(if $(MODEL),--model.model_path $(MODEL)) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -64,6 +64,17 @@ def check_weights(cfg: dict, recipe: str) -> None:
                      f"--model.model_path PATH (or MODEL=PATH with make). {hints.get(model.get('backbone', 'bagel'), '')}")
 
 
+def cli_value(args: list[str], key: str) -> str | None:
+    """The last value given to ``--KEY`` in LightningCLI's argument forms (``--k v`` or ``--k=v``), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(f"--{key}="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def fit_main(argv: list[str]) -> int:
     _setup_logging()
     ap = argparse.ArgumentParser(prog="ftkit fit", add_help=False)
@@ -82,8 +93,10 @@ def fit_main(argv: list[str]) -> int:
     composed = compose(recipe_path)
     lcfg, fcfg = split_ftkit(composed)
     recipe = fcfg.get("recipe", recipe_path.stem)
+    path = cli_value(rest, "model.model_path")
+    if path is not None:  # the command line wins over the recipe, for the weights check too
+        lcfg.setdefault("model", {})["model_path"] = path
     check_weights(lcfg, recipe)
-    # a model_path override on the command line must be honoured by the weights check too
     run_root = Path(ns.run_root or fcfg.get("run_root") or "runs") / recipe
     ckpt = None
     if ns.ckpt_path == "last":
