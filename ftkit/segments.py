@@ -156,10 +156,6 @@ class PackedBatch:
     mse_step: torch.Tensor  # [Nm]
     sample_lengths: list[int] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.sequence_length
-
     def to(self, device: torch.device | str) -> PackedBatch:
         out = {}
         for f in fields(self):

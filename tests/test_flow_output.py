@@ -49,8 +49,8 @@ def test_flow_is_the_vae_token_table_and_feeds_the_losses(model):
     torch.testing.assert_close(sp, want)
     torch.testing.assert_close(Ls.semantic_consistency_from_batch(batch, f, f.rows, v),
                                ((x0_hat - clean[4:]).mean(0) ** 2).mean())
-    # the extras mapping older callers pass gives the same numbers
-    torch.testing.assert_close(Ls.spatial_consistency_from_batch(batch, out.extras, f.rows, v), sp)
+    with pytest.raises(TypeError, match="BagelOutput.flow"):  # one typed input, no string-keyed extras
+        Ls.spatial_consistency_from_batch(batch, out.extras, f.rows, v)
     bad = FlowLatents(clean=f.clean[:7], noisy=f.noisy, timesteps=f.timesteps, rows=f.rows)
     with pytest.raises(ValueError, match=r"flow\.clean .*must be \[8, 64\]"):
         Ls.spatial_consistency_from_batch(batch, bad, f.rows, v)

@@ -131,13 +131,13 @@ def test_terms_are_ftkits_loss_functions_with_the_step_weights(module, item):
     mse, mse_per = Ls.step_breakdown(mse_tok, b.mse_step, sw)
     # the step weights change CE / MSE (not the plain token mean)
     assert abs(ce.item() - ce_tok.mean().item()) > 1e-4 and abs(mse.item() - mse_tok.mean().item()) > 1e-4
-    rows = out.extras["mse_rows"]
+    rows = out.flow.rows
     reason = (b.ce_step == int(Step.PLAN)) | (b.ce_step == int(Step.REFLECT))
     want = {
         "ce": ce,
         "mse": mse,
-        "spatial": Ls.spatial_consistency_from_batch(b, out.extras, rows, out.velocity_pred),
-        "semantic": Ls.semantic_consistency_from_batch(b, out.extras, rows, out.velocity_pred),
+        "spatial": Ls.spatial_consistency_from_batch(b, out.flow, rows, out.velocity_pred),
+        "semantic": Ls.semantic_consistency_from_batch(b, out.flow, rows, out.velocity_pred),
         "kl_prior": Ls.kl_prior_preservation(out.ce_hidden[reason], base.ce_hidden[reason], head),
     }
     for t, v in want.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ftkit.data.packer import PackConfig, pack
+from ftkit.models.bagel import FlowLatents
 from ftkit.segments import Kind, Segment, Step
 from ftkit.train.losses import (
     LossWeights,
@@ -187,8 +189,8 @@ def _mcot_batch():
     return batch
 
 
-def _extras_for(batch, x0_hat_rows: dict[int, torch.Tensor]):
-    """Hand-made extras: clean latents, timesteps, x_t; v_pred chosen so x0_hat equals the given rows."""
+def _flow_for(batch, x0_hat_rows: dict[int, torch.Tensor]):
+    """Hand-made FlowLatents: clean latents, timesteps, x_t; v_pred chosen so x0_hat equals the given rows."""
     n_z = sum(h * w for h, w in batch.vae_latent_hw)
     clean = torch.randn(n_z, C)
     noisy = torch.tensor(batch.vae_image_noisy)[batch.vae_token_image()]
@@ -197,24 +199,23 @@ def _extras_for(batch, x0_hat_rows: dict[int, torch.Tensor]):
     rows = torch.tensor(sorted(x0_hat_rows))
     target = torch.stack([x0_hat_rows[int(r)] for r in rows])
     v_pred = ((x_t[rows] - target) / t[rows][:, None]).requires_grad_(True)
-    extras = {"packed_latent_clean": clean, "packed_noisy_latent": x_t, "packed_timesteps": t, "mse_rows": rows}
-    return extras, rows, v_pred
+    return FlowLatents(clean=clean, noisy=x_t, timesteps=t, rows=rows), rows, v_pred
 
 
 def test_spatial_from_batch_hand_case():
     batch = _mcot_batch()
     # refine (image 1, rows 4..7) vs its draft (image 0, rows 0..3); image 3 (rows 12..17) has a 2x3 grid
-    extras, rows, _ = _extras_for(batch, {r: torch.zeros(C) for r in [*range(4, 8), *range(12, 18)]})
-    clean = extras["packed_latent_clean"]
+    flow, rows, _ = _flow_for(batch, {r: torch.zeros(C) for r in [*range(4, 8), *range(12, 18)]})
+    clean = flow.clean
     x0_hat = {r: clean[r - 4].clone() for r in range(4, 8)}
     x0_hat[4] = x0_hat[4] + 50.0  # flagged cell (0, 0): ignored
     x0_hat[5] = x0_hat[5] + torch.tensor([1.0, 2.0, 2.0])  # ||.||^2 = 9
     for r in range(12, 18):
         x0_hat[r] = torch.randn(C)  # mismatched-grid refinement: skipped
-    x_t, t = extras["packed_noisy_latent"], extras["packed_timesteps"]
+    x_t, t = flow.noisy, flow.timesteps
     target = torch.stack([x0_hat[int(r)] for r in rows])
     v_pred = ((x_t[rows] - target) / t[rows][:, None]).requires_grad_(True)
-    loss = spatial_consistency_from_batch(batch, extras, rows, v_pred)
+    loss = spatial_consistency_from_batch(batch, flow, rows, v_pred)
     # kept tokens 5, 6, 7: 9 / (C=3 * 3)
     assert loss.item() == pytest.approx(1.0, abs=1e-5)
     loss.backward()
@@ -229,8 +230,8 @@ def test_spatial_from_batch_none_applicable_returns_zero_on_graph():
           Segment(Kind.VAE_NOISY, Step.DRAFT, image=_img(32, 32), loss=True)]],
         CFG,
     )
-    extras, rows, v_pred = _extras_for(batch, {r: torch.randn(C) for r in range(4)})
-    loss = spatial_consistency_from_batch(batch, extras, rows, v_pred)
+    flow, rows, v_pred = _flow_for(batch, {r: torch.randn(C) for r in range(4)})
+    loss = spatial_consistency_from_batch(batch, flow, rows, v_pred)
     assert loss.item() == 0.0
     loss.backward()
     assert v_pred.grad is not None
@@ -238,35 +239,34 @@ def test_spatial_from_batch_none_applicable_returns_zero_on_graph():
 
 def test_semantic_from_batch_hand_case():
     batch = _mcot_batch()
-    extras, rows, _ = _extras_for(batch, {r: torch.zeros(C) for r in [*range(4, 8), *range(12, 18)]})
-    clean, x_t, t = extras["packed_latent_clean"], extras["packed_noisy_latent"], extras["packed_timesteps"]
+    flow, rows, _ = _flow_for(batch, {r: torch.zeros(C) for r in [*range(4, 8), *range(12, 18)]})
+    clean, x_t, t = flow.clean, flow.noisy, flow.timesteps
 
     def v_for(x0_hat):
         return ((x_t[rows] - x0_hat[rows]) / t[rows][:, None]).requires_grad_(True)
 
     perfect = clean.clone()
-    assert semantic_consistency_from_batch(batch, extras, rows, v_for(perfect)).item() == pytest.approx(0.0, abs=1e-10)
+    assert semantic_consistency_from_batch(batch, flow, rows, v_for(perfect)).item() == pytest.approx(0.0, abs=1e-10)
     off = clean.clone()
     off[12:18] += 0.5  # image 3 (2x3 grid) shifted by a constant: pooled error 0.5 in every cell
-    loss = semantic_consistency_from_batch(batch, extras, rows, v_for(off))
+    loss = semantic_consistency_from_batch(batch, flow, rows, v_for(off))
     # mean over the two noisy images of (0, 0.25)
     assert loss.item() == pytest.approx(0.125, abs=1e-6)
 
 
-def test_batch_glue_validates_extras():
+def test_batch_glue_validates_flow():
     batch = _mcot_batch()
-    extras, rows, v_pred = _extras_for(batch, {r: torch.zeros(C) for r in range(4, 8)})
-    bad = dict(extras)
-    del bad["packed_timesteps"]
-    with pytest.raises(ValueError, match="packed_timesteps"):
+    flow, rows, v_pred = _flow_for(batch, {r: torch.zeros(C) for r in range(4, 8)})
+    bad = dataclasses.replace(flow, timesteps=flow.timesteps[:-1])
+    with pytest.raises(ValueError, match="flow.timesteps"):
         spatial_consistency_from_batch(batch, bad, rows, v_pred)
-    bad = dict(extras, packed_latent_clean=torch.zeros(17, C))
-    with pytest.raises(ValueError, match="packed_latent_clean"):
+    bad = dataclasses.replace(flow, clean=torch.zeros(17, C))
+    with pytest.raises(ValueError, match="flow.clean"):
         semantic_consistency_from_batch(batch, bad, rows, v_pred)
     with pytest.raises(ValueError, match="v_pred"):
-        spatial_consistency_from_batch(batch, extras, rows, torch.zeros(4, C + 1))
+        spatial_consistency_from_batch(batch, flow, rows, torch.zeros(4, C + 1))
     with pytest.raises(ValueError, match="v_pred_rows"):
-        spatial_consistency_from_batch(batch, extras, rows + 100, v_pred)
+        spatial_consistency_from_batch(batch, flow, rows + 100, v_pred)
 
 
 # ------------------------------------------------------------------------------ KL prior
@@ -419,11 +419,11 @@ def test_glue_on_a_real_tiny_bagel_forward():
     batch = pack([segs], pack_config_for(cfg))
     clean_tokens = torch.randn(8, cfg.patch_latent_dim)
     out = model(batch, clean_latent_tokens=clean_tokens)
-    ex, rows, v = out.extras, out.extras["mse_rows"], out.velocity_pred
+    ex, rows, v = out.flow, out.flow.rows, out.velocity_pred
     assert rows.tolist() == [4, 5, 6, 7]
 
     sp = spatial_consistency_from_batch(batch, ex, rows, v)
-    x0_hat = ex["packed_noisy_latent"][4:8] - ex["packed_timesteps"][4:8, None] * v
+    x0_hat = ex.noisy[4:8] - ex.timesteps[4:8, None] * v
     keep = torch.tensor([True, True, True, False])
     want = ((x0_hat - clean_tokens[:4]) ** 2).sum(-1)[keep].sum() / (3 * cfg.patch_latent_dim)
     torch.testing.assert_close(sp, want)

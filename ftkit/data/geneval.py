@@ -61,6 +61,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from ftkit.data.world import CLASSES, COLORS, POSITION_THRESHOLD, relative_position, shape_mask  # noqa: F401
+
 GENEVAL_TAGS: tuple[str, ...] = (
     "single_object",
     "two_object",
@@ -69,7 +71,6 @@ GENEVAL_TAGS: tuple[str, ...] = (
     "position",
     "color_attr",
 )
-POSITION_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
@@ -87,37 +88,6 @@ class Detector(Protocol):
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Objects in an ``[H, W, 3]`` uint8 RGB image."""
         ...
-
-
-def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """Relations of box A to box B by GenEval's rule (see the module docstring).
-
-    Args:
-        box_a, box_b: ``(x0, y0, x1, y1)``, same units.
-        threshold: margin as a fraction of the two boxes' combined size (GenEval: 0.1).
-
-    Returns:
-        A subset of ``{"left of", "right of", "above", "below"}`` (empty when the centres are
-        within the margin on both axes).
-    """
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    ca, cb = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
-    dim_a, dim_b = a[2:] - a[:2], b[2:] - b[:2]
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
 
 
 # ------------------------------------------------------------------------------ default detector
@@ -155,7 +125,7 @@ class ColorShapeDetector:
     """Shapes-world detector: nearest-palette-colour segmentation + shape matching (module docstring).
 
     Args:
-        palette: ``{colour name: (r, g, b)}`` (default: the shapes world's :data:`~ftkit.data.shapes.COLORS`).
+        palette: ``{colour name: (r, g, b)}`` (default: the shapes world's :data:`~ftkit.data.world.COLORS`).
         classes: shape classes to match (default: the shapes world's).
         tolerance: largest RGB distance of a pixel from its background-colour blend for it to count
             as that colour.
@@ -193,13 +163,11 @@ class ColorShapeDetector:
         max_aspect: float = 1.5,
         min_solid: float = 0.5,
     ):
-        from ftkit.data import shapes
-
-        palette = shapes.COLORS if palette is None else palette
+        palette = COLORS if palette is None else palette
         self.names = list(palette)
         self.rgb = np.asarray([palette[c] for c in self.names], dtype=np.int32)
-        self.classes = tuple(shapes.CLASSES if classes is None else classes)
-        self._mask = shapes.shape_mask
+        self.classes = tuple(CLASSES if classes is None else classes)
+        self._mask = shape_mask
         self.tolerance, self.min_area, self.min_iou = float(tolerance), float(min_area), float(min_iou)
         self.min_border_agreement, self.min_background = float(min_border_agreement), float(min_background)
         self.max_unexplained, self.max_components = float(max_unexplained), int(max_components)

@@ -77,10 +77,6 @@ class Routing:
         return torch.cat(outs)[self.inverse]
 
 
-def _input_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 class MoTAttention(nn.Module):
     def __init__(self, cfg: LLMConfig, experts: tuple[str, ...]):
         super().__init__()

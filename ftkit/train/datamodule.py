@@ -104,7 +104,7 @@ class PackedStream(IterableDataset):
         samples, ids = [], []
         for rid in record_ids:
             ids.append(str(getattr(dm.records[rid], "id", rid)))
-            segs = dm.segments(rid, train=self.train)
+            segs = dm.segments(rid)
             if self.train and dm.cfg_dropout:
                 segs = apply_cfg_dropout(segs, *dm.cfg_dropout, generator=g)
             for s in segs:
@@ -276,7 +276,7 @@ class MCoTDataModule(L.LightningDataModule):
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def segments(self, i: int, train: bool = True, records=None) -> list[Segment]:
+    def segments(self, i: int, records=None) -> list[Segment]:
         rec = (records or self.records)[i]
         return build_segments(rec, self.tokenize, self.builder_cfg)
 

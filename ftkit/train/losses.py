@@ -275,39 +275,25 @@ def spatial_consistency(x0_hat: Tensor, reference: Tensor, keep: Tensor) -> Tens
     return (k * sq).sum() / (n_keep * x0_hat.shape[1])
 
 
-# FlowLatents field -> the BagelOutput.extras key that holds the same tensor (older callers pass extras)
-_EXTRAS_KEYS = {"noisy": "packed_noisy_latent", "timesteps": "packed_timesteps", "clean": "packed_latent_clean"}
-
-
-def _flow_of(flow: FlowLatents | Mapping[str, Tensor], who: str) -> FlowLatents:
-    if isinstance(flow, FlowLatents):
-        return flow
-    for key in _EXTRAS_KEYS.values():
-        if key not in flow:
-            raise ValueError(f"{who}: extras lacks {key!r} (BagelModel.forward puts it in BagelOutput.extras; "
-                             "pass BagelOutput.flow)")
-    return FlowLatents(rows=flow.get("mse_rows", torch.zeros(0, dtype=torch.long)),
-                       **{f: flow[k] for f, k in _EXTRAS_KEYS.items()})
-
-
 def _image_predictions(
-    batch: PackedBatch, flow: FlowLatents | Mapping[str, Tensor], v_pred_rows: Tensor, v_pred: Tensor, who: str
+    batch: PackedBatch, flow: FlowLatents, v_pred_rows: Tensor, v_pred: Tensor, who: str
 ) -> tuple[list[tuple[int, int]], dict[int, Tensor], Tensor]:
     """Per VAE image: its row span, and x0_hat for images whose every token has a predicted velocity.
 
     Returns ``(spans, x0_hat_of_image, clean)`` where ``spans[i] = (start, end)`` rows of image ``i``.
     """
-    flow = _flow_of(flow, who)
+    if not isinstance(flow, FlowLatents):
+        raise TypeError(f"{who}: flow must be BagelOutput.flow (FlowLatents), got {type(flow).__name__}")
     x_t, t, clean = flow.noisy, flow.timesteps, flow.clean
     hw = list(batch.vae_latent_hw)
     n_z = sum(h * w for h, w in hw)
     if x_t.dim() != 2 or x_t.shape[0] != n_z:
-        raise ValueError(f"{who}: flow.noisy ('packed_noisy_latent') must be [Nz={n_z}, C], got {_shape(x_t)}")
+        raise ValueError(f"{who}: flow.noisy must be [Nz={n_z}, C], got {_shape(x_t)}")
     C = x_t.shape[1]
     if _shape(clean) != (n_z, C):
-        raise ValueError(f"{who}: flow.clean ('packed_latent_clean') must be [{n_z}, {C}], got {_shape(clean)}")
+        raise ValueError(f"{who}: flow.clean must be [{n_z}, {C}], got {_shape(clean)}")
     if _shape(t) != (n_z,):
-        raise ValueError(f"{who}: flow.timesteps ('packed_timesteps') must be [{n_z}], got {_shape(t)}")
+        raise ValueError(f"{who}: flow.timesteps must be [{n_z}], got {_shape(t)}")
     if v_pred.dim() != 2 or v_pred.shape[1] != C:
         raise ValueError(f"{who}: v_pred must be [Nm, C={C}], got {_shape(v_pred)}")
     if v_pred_rows.dim() != 1 or v_pred_rows.shape[0] != v_pred.shape[0]:
@@ -341,7 +327,7 @@ def _image_predictions(
 
 
 def spatial_consistency_from_batch(
-    batch: PackedBatch, flow: FlowLatents | Mapping[str, Tensor], v_pred_rows: Tensor, v_pred: Tensor
+    batch: PackedBatch, flow: FlowLatents, v_pred_rows: Tensor, v_pred: Tensor
 ) -> Tensor:
     """Spatial consistency of every refinement in a packed batch (mean over refined images).
 
@@ -360,8 +346,6 @@ def spatial_consistency_from_batch(
     Args:
         batch (PackedBatch): the packed batch the model ran on.
         flow (FlowLatents): ``BagelOutput.flow``: ``noisy [Nz, C]``, ``timesteps [Nz]``, ``clean [Nz, C]``
-            (a ``BagelOutput.extras`` mapping with ``packed_noisy_latent``, ``packed_timesteps`` and
-            ``packed_latent_clean`` is accepted too).
         v_pred_rows (Tensor): VAE-table rows of the predicted velocities ``[Nm]`` (``flow.rows``).
         v_pred (Tensor): predicted velocities ``[Nm, C]`` (``BagelOutput.velocity_pred``).
 
@@ -520,7 +504,7 @@ def semantic_consistency(x0_hat: Tensor, x0: Tensor, grid_hw: tuple[int, int], p
 
 
 def semantic_consistency_from_batch(
-    batch: PackedBatch, flow: FlowLatents | Mapping[str, Tensor], v_pred_rows: Tensor, v_pred: Tensor, pool: int = 2
+    batch: PackedBatch, flow: FlowLatents, v_pred_rows: Tensor, v_pred: Tensor, pool: int = 2
 ) -> Tensor:
     """:func:`semantic_consistency` of every noisy VAE image carrying flow loss, averaged over images.
 
@@ -529,8 +513,7 @@ def semantic_consistency_from_batch(
 
     Args:
         batch (PackedBatch): the packed batch the model ran on.
-        flow (FlowLatents): ``BagelOutput.flow`` (or its ``extras`` mapping, as for
-            :func:`spatial_consistency_from_batch`).
+        flow (FlowLatents): ``BagelOutput.flow``.
         v_pred_rows (Tensor): VAE-table rows of the predicted velocities ``[Nm]``.
         v_pred (Tensor): predicted velocities ``[Nm, C]``.
         pool (int): cell side in tokens.

@@ -236,13 +236,12 @@ class MCoTModule(L.LightningModule):
             total = total + lw.mse * mse
             logs["mse"] = mse.detach()
             logs.update({f"mse/{STEP_NAMES[Step(s)]}": v.detach() for s, v in per.items()})
-            rows = out.extras["mse_rows"]
             if lw.spatial:
-                sp = Ls.spatial_consistency_from_batch(b, out.extras, rows, out.velocity_pred)
+                sp = Ls.spatial_consistency_from_batch(b, out.flow, out.flow.rows, out.velocity_pred)
                 total = total + lw.spatial * sp
                 logs["spatial"] = sp.detach()
             if lw.semantic:
-                se = Ls.semantic_consistency_from_batch(b, out.extras, rows, out.velocity_pred)
+                se = Ls.semantic_consistency_from_batch(b, out.flow, out.flow.rows, out.velocity_pred)
                 total = total + lw.semantic * se
                 logs["semantic"] = se.detach()
         if lw.kl_prior and self.adapter_cfg is not None and b.ce_indexes.numel():
@@ -326,9 +325,6 @@ class MCoTModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch.to(device)
 
 
 def peak_memory_gb(device: torch.device) -> float:
