@@ -17,16 +17,48 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ftkit.adapters.config import AdapterConfig
 from ftkit.errors import FtkitError
+from ftkit.models.experts import has_adapters as _has_peft_layers
+from ftkit.models.experts import is_adapter_parameter
 
 ADAPTER_NAME = "default"
 _BASE_PREFIX = "ftkit_base_"
-_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
+_STATE = "_ftkit_adapter_state"
+
+
+@dataclass
+class AdapterState:
+    """What :func:`attach_adapters` records on a model: the ftkit config, the peft config it became, and
+    whether the adapters are switched on (:func:`set_adapters_enabled`)."""
+
+    cfg: AdapterConfig
+    peft_config: object
+    enabled: bool = True
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's :class:`AdapterState`.
+
+    Raises:
+        AdapterStateError: no ftkit adapters attached.
+    """
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise AdapterStateError("this model has no ftkit adapters attached (attach_adapters / load_adapter)")
+    return state
+
+
+def detach_adapter_state(model: nn.Module) -> None:
+    """Forget the adapter state (after the adapters were merged into the base weights)."""
+    for attr in (_STATE, "peft_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
 
 
 class AdapterStateError(FtkitError, RuntimeError):
@@ -41,14 +73,12 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return getattr(model, "_ftkit_adapter_cfg", None) is not None or bool(lora_layers(model))
+    """True when ftkit adapters are attached, or any peft adapter layer sits in the model."""
+    return getattr(model, _STATE, None) is not None or _has_peft_layers(model)
 
 
 def adapter_config_of(model: nn.Module) -> AdapterConfig:
-    cfg = getattr(model, "_ftkit_adapter_cfg", None)
-    if cfg is None:
-        raise AdapterStateError("this model has no ftkit adapters attached (attach_adapters / load_adapter)")
-    return cfg
+    return adapter_state(model).cfg
 
 
 def _mts_params(model: nn.Module, cfg: AdapterConfig) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
@@ -97,14 +127,12 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig, *, keep_base_copies: b
         raise AdapterStateError(f"peft adapted {len(attached)} modules, the config resolves to {len(targets)} "
                                 f"(first differences: {sorted(set(attached) ^ set(targets))[:4]})")
     for name, p in model.named_parameters():
-        p.requires_grad_(any(m in name for m in _LORA_MARKERS) and f".{ADAPTER_NAME}" in name)
+        p.requires_grad_(is_adapter_parameter(name) and f".{ADAPTER_NAME}" in name)
     for _, owner, pname, p in _mts_params(model, cfg):
         p.requires_grad_(True)
         if keep_base_copies:
             owner.register_buffer(_BASE_PREFIX + pname, p.detach().clone(), persistent=False)
-    model._ftkit_adapter_cfg = cfg
-    model._ftkit_peft_config = peft_cfg
-    model._ftkit_adapters_enabled = True
+    setattr(model, _STATE, AdapterState(cfg, peft_cfg))
     return model
 
 
@@ -122,8 +150,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         AdapterStateError: no adapters attached.
     """
     cfg = adapter_config_of(model)
-    out = {n: p.detach() for n, p in model.named_parameters()
-           if any(m in n for m in _LORA_MARKERS) and f".{ADAPTER_NAME}." in n}
+    out = {n: p.detach() for n, p in model.named_parameters() if is_adapter_parameter(n) and f".{ADAPTER_NAME}." in n}
     for full, _, _, p in _mts_params(model, cfg):
         out[full] = p.detach()
     return out
@@ -150,8 +177,9 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     Raises:
         AdapterStateError: no adapters attached, or modules_to_save without base copies.
     """
-    cfg = adapter_config_of(model)
-    if bool(enabled) == bool(model._ftkit_adapters_enabled):
+    state = adapter_state(model)
+    cfg = state.cfg
+    if bool(enabled) == state.enabled:
         return
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if cfg.modules_to_save:
@@ -160,15 +188,14 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
         layer.enable_adapters(bool(enabled))
     for n, p in model.named_parameters():
         p.requires_grad_(flags[n])
-    model._ftkit_adapters_enabled = bool(enabled)
+    state.enabled = bool(enabled)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """``with adapters_disabled(model): ref = model(batch)`` runs the base model (the same weights, no
     second copy) -- e.g. for the KL prior-preservation loss; adapters are restored on exit."""
-    adapter_config_of(model)
-    was = bool(model._ftkit_adapters_enabled)
+    was = adapter_state(model).enabled
     set_adapters_enabled(model, False)
     try:
         yield model

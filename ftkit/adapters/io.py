@@ -32,6 +32,7 @@ from ftkit.adapters.attach import (
     ADAPTER_NAME,
     AdapterStateError,
     adapter_config_of,
+    adapter_state,
     adapter_state_dict,
     attach_adapters,
     has_adapters,
@@ -184,9 +185,10 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
         extra_json = json.loads(json.dumps(extra or {}))
     except TypeError as e:
         raise AdapterError(f"save_adapter: extra is not JSON-serialisable ({e})") from e
-    if not model._ftkit_adapters_enabled:
+    state = adapter_state(model)
+    if not state.enabled:
         raise AdapterStateError("save_adapter inside adapters_disabled(): the modules_to_save hold base values")
-    peft_dict = peft_config_dict(model._ftkit_peft_config)
+    peft_dict = peft_config_dict(state.peft_config)
     peft_dict["base_model_name_or_path"] = str(base_path) if base_path is not None else None
     tensors = {to_disk_key(n): t.detach().to("cpu").contiguous() for n, t in adapter_state_dict(model).items()}
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

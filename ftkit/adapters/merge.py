@@ -700,10 +700,11 @@ def merge_into_model(model: nn.Module) -> nn.Module:
         MergeError: a targeted layer is a bitsandbytes 4-/8-bit layer (QLoRA; see the explanation in the
             message: merge into the unquantized release folder with :func:`merge`).
     """
-    from ftkit.adapters.attach import _BASE_PREFIX, adapter_config_of, lora_layers
+    from ftkit.adapters.attach import _BASE_PREFIX, adapter_state, detach_adapter_state, lora_layers
 
-    cfg = adapter_config_of(model)
-    if not model._ftkit_adapters_enabled:
+    state = adapter_state(model)
+    cfg = state.cfg
+    if not state.enabled:
         raise MergeError("merge_into_model inside adapters_disabled(); leave the context first")
     layers = lora_layers(model)
     low = [n for n, m in layers.items() if _is_low_bit(m.get_base_layer())]
@@ -721,9 +722,7 @@ def merge_into_model(model: nn.Module) -> nn.Module:
                 del sub._buffers[b]
     for p in model.parameters():
         p.requires_grad_(False)
-    for attr in ("_ftkit_adapter_cfg", "_ftkit_peft_config", "_ftkit_adapters_enabled", "peft_config"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    detach_adapter_state(model)
     return model
 
 

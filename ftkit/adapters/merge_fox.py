@@ -62,11 +62,11 @@ from ftkit.adapters.merge import (
     run_probe,
     verification_text,
 )
+from ftkit.models.experts import is_adapter_parameter
 from ftkit.models.folders import FOX_MODEL_TYPE, is_fox_folder, parse_dtype  # noqa: F401
 from ftkit.models.fox import unique_tensors
 
 WEIGHTS = "model.safetensors"
-LORA_MARK = "lora_"
 
 
 @dataclass
@@ -93,10 +93,10 @@ def _base_params(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]
     """(owning sub-module, attribute, parameter) of every non-adapter parameter under ``module``."""
     out = []
     for path, sub in module.named_modules():
-        if LORA_MARK in path:
+        if is_adapter_parameter(path):
             continue
         for attr, p in sub._parameters.items():
-            if p is not None and LORA_MARK not in attr:
+            if p is not None and not is_adapter_parameter(attr):
                 out.append((sub, attr, p))
     return out
 

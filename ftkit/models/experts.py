@@ -86,9 +86,8 @@ def expert_slots(decoder: Qwen2MoTModel) -> Iterator[tuple[str, nn.Module, str]]
 
 def has_adapters(module: nn.Module) -> bool:
     """True if any peft adapter (LoRA/DoRA) is attached inside ``module``."""
-    for name, _ in module.named_parameters():
-        if any(m in name for m in ADAPTER_MARKERS):
-            return True
+    if any(is_adapter_parameter(name) for name, _ in module.named_parameters()):
+        return True
     return any(hasattr(m, "base_layer") for m in module.modules())
 
 
@@ -192,6 +191,8 @@ def _nbytes(p: torch.Tensor) -> int:
 
 
 def is_adapter_parameter(name: str) -> bool:
+    """True for a peft adapter parameter or module name (``...lora_A.default.weight``, DoRA's
+    ``lora_magnitude_vector``): the one test of "is this adapter, not base" in ftkit."""
     return any(m in name for m in ADAPTER_MARKERS)
 
 
