@@ -102,3 +102,17 @@ def test_make_model_variable():
 def test_cli_value_forms():
     assert cli_value(["--model.model_path", "a", "--x", "1", "--model.model_path=b"], "model.model_path") == "b"
     assert cli_value(["--model.model_path_other", "a"], "model.model_path") is None
+
+
+def test_typed_sections(tmp_path):
+    """model.adapter / loss / tiny are dataclasses: fields are checked at parse time, hparams stay plain."""
+    from ftkit.adapters.config import AdapterConfig
+    from ftkit.train.module import MCoTModule
+
+    m = MCoTModule(model_path=str(tmp_path), adapter={"r": 8}, loss={"spatial": 0.5}, tiny={"corpus": "c.jsonl"})
+    assert isinstance(m.adapter_cfg, AdapterConfig) and m.adapter_cfg.r == 8 and m.loss_weights.spatial == 0.5
+    assert m.hparams.adapter["r"] == 8 and m.hparams.tiny["corpus"] == "c.jsonl"  # plain dicts in checkpoints
+    with pytest.raises(TypeError, match="rank"):
+        MCoTModule(model_path=str(tmp_path), adapter={"rank": 8})
+    r = fit("--config", "tiny-mcot", "--model.adapter.rank", "8", "--run_root", str(tmp_path))
+    assert r.returncode != 0 and "rank" in r.stderr

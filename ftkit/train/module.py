@@ -13,6 +13,7 @@ module) derive from ``(seed, global batch index)``, so a resumed run reproduces 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
@@ -22,9 +23,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ftkit.adapters.config import AdapterConfig
 from ftkit.errors import FtkitError
 from ftkit.models import kernels
+from ftkit.models.folders import parse_dtype
 from ftkit.segments import STEP_NAMES, Step
+from ftkit.train.losses import LossWeights
+from ftkit.train.tiny import TinyBackbone
 
 log = logging.getLogger("ftkit")
 
@@ -32,14 +37,14 @@ log = logging.getLogger("ftkit")
 class NonFiniteError(FtkitError):
     """A loss or gradient became NaN/inf: the run stops before anything non-finite is written."""
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16}
 
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (fp32 | bf16 | fp16)")
-    return DTYPES[name]
+def _typed(cls, value):
+    """A config section as its dataclass (LightningCLI passes the dataclass, Python callers may pass a dict)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
 class MCoTModule(L.LightningModule):
@@ -49,9 +54,9 @@ class MCoTModule(L.LightningModule):
         dtype: weights' compute dtype ("bf16" on GPU, "fp32" or "bf16" on CPU).
         quantize: None | "nf4" (QLoRA) | "int8" for the decoder's Linear layers.
         three_experts: upcycle BAGEL's understanding expert into linguistic + semantic.
-        adapter: AdapterConfig fields (method, preset, r, alpha, ...); ``null`` with
+        adapter: :class:`~ftkit.adapters.config.AdapterConfig` (method, preset, r, alpha, ...); ``null`` with
             ``full_finetune: true`` trains all decoder/connector weights instead.
-        loss: LossWeights fields (ce, mse, steps: {plan: 1, ...}, spatial, kl_prior, semantic).
+        loss: :class:`~ftkit.train.losses.LossWeights` (ce, mse, steps: {plan: 1, ...}, spatial, kl_prior, semantic).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warm-up then cosine decay.
         timestep_shift: training timestep shift s (t' = s t / (1 + (s-1) t)); upstream trains with 1.0
             at low resolution, 2.0+ at high.
@@ -59,8 +64,8 @@ class MCoTModule(L.LightningModule):
         kernels: "auto" (Liger on CUDA if installed, else torch) | "liger" | "torch".
         attn_impl: "auto" (flex on CUDA, SDPA with a dense mask on CPU) | "sdpa" | "flex".
         ce_chunk_size: rows per chunk of the torch path's cross-entropy (full logits never exist).
-        tiny: when ``model_path`` does not exist, build a tiny random BAGEL there with these
-            settings (the tiny-mcot recipe); real recipes leave it null and fail with a hint.
+        tiny: :class:`~ftkit.train.tiny.TinyBackbone`: when ``model_path`` does not exist, build a tiny random
+            BAGEL there (the tiny-mcot recipe); real recipes leave it null and fail with a hint.
         vae_cache_size: cache the frozen VAE encoder's posterior moments of this many images (exact;
             the posterior is still sampled each step). Useful on small datasets / CPU.
         seed: seed for the step's random draws.
@@ -76,9 +81,9 @@ class MCoTModule(L.LightningModule):
         dtype: str = "bf16",
         quantize: str | None = None,
         three_experts: bool = False,
-        adapter: dict | None = None,
+        adapter: AdapterConfig | None = None,
         full_finetune: bool = False,
-        loss: dict | None = None,
+        loss: LossWeights | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -89,24 +94,24 @@ class MCoTModule(L.LightningModule):
         kernels: str = "auto",
         attn_impl: str = "auto",
         ce_chunk_size: int = 1024,
-        tiny: dict | None = None,
+        tiny: TinyBackbone | None = None,
         vae_cache_size: int = 0,
         seed: int = 0,
         nonfinite: str = "stop",
         max_skipped: int = 10,
     ):
         super().__init__()
+        adapter, loss, tiny = _typed(AdapterConfig, adapter), _typed(LossWeights, loss), _typed(TinyBackbone, tiny)
         self.save_hyperparameters()
-        from ftkit.adapters.config import AdapterConfig
-        from ftkit.train.losses import LossWeights
-
+        # checkpoints and logs keep plain values (no ftkit classes to unpickle)
+        for key, value in (("adapter", adapter), ("loss", loss), ("tiny", tiny)):
+            self.hparams[key] = None if value is None else dataclasses.asdict(value)
         if adapter is None and not full_finetune:
             raise ValueError("set an adapter (LoRA/DoRA/QLoRA) or full_finetune: true")
         if quantize and full_finetune:
             raise ValueError("quantize (QLoRA) needs an adapter: 4-bit weights cannot be trained directly")
-        self.adapter_cfg = AdapterConfig(**adapter) if adapter is not None else None
-        lw = dict(loss or {})
-        self.loss_weights = LossWeights(**lw)
+        self.adapter_cfg = adapter
+        self.loss_weights = loss or LossWeights()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite {nonfinite!r}: choose stop or skip")
         self._skipped = 0

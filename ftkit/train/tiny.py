@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +56,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIALS[1:])
+
+
+@dataclass
+class TinyBackbone:
+    """How the tiny-mcot recipe's backbone is built when its folder is absent (``model.tiny``):
+    a tokenizer trained on ``corpus`` (an ftkit JSONL dataset) and a random BAGEL-architecture model of
+    these sizes (:func:`ensure_tiny_bagel`)."""
+
+    corpus: str
+    vocab_size: int = 1024
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+    vit_hidden: int = 64
+    vit_layers: int = 2
+    vit_heads: int = 2
+    vit_intermediate: int = 128
+    max_latent_size: int = 4
+    vit_max: int = 8
+    ae_ch: int = 32
+    seed: int = 0
 
 
 def ensure_tiny_bagel(path: str | Path, *, corpus: str, vocab_size: int = 1024, hidden: int = 128, layers: int = 4,
