@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,27 +69,13 @@ class atomic_dir:
                                      f"({e}); nothing was deleted") from e
 
     def _take_lock(self) -> None:
-        from ftkit.errors import FtkitError
-
         self.lock = self.out.with_name(f".{self.out.name}.lock")
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.lock.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    self.lock = None
-                    raise FtkitError(f"{self.out}: another process (pid {pid}) is writing this folder; lock "
-                                     f"{self.out.with_name(f'.{self.out.name}.lock')}") from None
-                self.lock.unlink(missing_ok=True)  # left by a dead process
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return
-        raise FtkitError(f"{self.lock}: could not take the lock")
+        try:
+            take_pid_lock(self.lock, lambda pid: f"{self.out}: another process (pid {pid}) is writing this folder; "
+                                                 f"lock {self.lock}")
+        except BaseException:
+            self.lock = None
+            raise
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +128,30 @@ def _fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
-def _alive(pid: int) -> bool:
+def take_pid_lock(lock: Path, busy: Callable[[int], str]) -> None:
+    """Create ``lock`` exclusively holding this process's pid. A lock of a live process raises
+    ``FtkitError(busy(pid))``; one left by a dead process is taken over."""
+    from ftkit.errors import FtkitError
+
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise FtkitError(busy(pid)) from None
+            lock.unlink(missing_ok=True)  # left by a dead process
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return
+    raise FtkitError(f"{lock}: could not take the lock")
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -98,40 +98,62 @@ def fit_main(argv: list[str]) -> int:
         lcfg.setdefault("model", {})["model_path"] = path
     check_weights(lcfg, recipe)
     run_root = Path(ns.run_root or fcfg.get("run_root") or "runs") / recipe
+    from ftkit.train.faults import RunLock, find_resumable, remove_stale_temps
+
     ckpt = None
     if ns.ckpt_path == "last":
-        latest = run_root / "latest"
-        cand = latest / "checkpoints" / "last.ckpt"
-        if not cand.is_file():
-            raise SystemExit(f"--ckpt_path last: no {cand} to resume from")
-        run_dir, ckpt = latest.resolve(), str(cand)
+        run_dir = (run_root / "latest").resolve()
+        found, skipped = find_resumable(run_dir / "checkpoints")
+        for line in skipped:
+            log.warning("resume: %s", line)
+        if found is None:
+            raise SystemExit(f"--ckpt_path last: no valid checkpoint in {run_dir / 'checkpoints'} to resume from")
+        ckpt = str(found)
+        log.info("resuming from %s", found)
     else:
-        run_id = ns.run_id or time.strftime("%Y%m%d-%H%M%S")
+        # ranks started by a launcher (Lightning's DDP subprocesses, torchrun) inherit the first one's folder
+        run_id = ns.run_id or os.environ.get("FTKIT_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+        os.environ["FTKIT_RUN_ID"] = run_id
         run_dir = (run_root / run_id).resolve()
         ckpt = ns.ckpt_path
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root, run_dir, ckpt)  # rank 0 holds the lock
+    try:
+        with RunLock(run_dir):
+            remove_stale_temps(run_dir)
+            remove_stale_temps(run_dir / "checkpoints")
+            return _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root, run_dir, ckpt)
+    finally:
+        os.environ.pop("FTKIT_RUN_ID", None)
+
+
+def _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, ckpt: str | None) -> int:
+    from ftkit.train.faults import AtomicCheckpointIO, MetricsBeforeCheckpoint, RunCSVLogger, atomic_write
+
     cfg_file = run_dir / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump(lcfg, sort_keys=False))
+    atomic_write(cfg_file, lambda fh: fh.write(yaml.safe_dump(lcfg, sort_keys=False).encode()))
 
     import lightning as L  # noqa: F401
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from ftkit.train.callbacks import AdapterExport, MCoTSamples
 
     every = int(fcfg.get("checkpoint_every_n_steps", 50))
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=every,
                                  save_top_k=int(fcfg.get("keep_checkpoints", 1)), monitor="step", mode="max"),
-                 AdapterExport(run_dir / "adapter", extra={"recipe": recipe, "run_dir": str(run_dir)})]
+                 AdapterExport(run_dir / "adapter", extra={"recipe": recipe, "run_dir": str(run_dir)}),
+                 MetricsBeforeCheckpoint(every)]
     samples = fcfg.get("samples") or {}
     if samples.get("every_n_steps"):
         callbacks.append(MCoTSamples(run_dir / "samples", **samples))
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version=""),
+    loggers = [RunCSVLogger(save_dir=str(run_dir), name="", version=""),
                TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")]
     cli = _make_cli_class()(_model_cls(), _dm_cls(), args=["--config", str(cfg_file), *rest], run=False,
                             save_config_kwargs={"overwrite": True},
                             trainer_defaults={"callbacks": callbacks, "logger": loggers,
-                                              "default_root_dir": str(run_dir)},
+                                              "default_root_dir": str(run_dir), "plugins": [AtomicCheckpointIO()]},
                             seed_everything_default=lcfg.get("seed_everything", 0))
     model_path = cli.model.hparams.model_path
     if cli.model.hparams.get("tiny") is None and not Path(model_path).exists():
@@ -142,23 +164,16 @@ def fit_main(argv: list[str]) -> int:
                 "config": yaml.safe_load(cfg_file.read_text()), "overrides": rest,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if cli.trainer.is_global_zero:
-        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+        write_json(run_dir / "run.json", run_info)
         latest = run_root / "latest"
         if latest.is_symlink() or latest.exists():
             latest.unlink()
         os.symlink(run_dir.name, latest)
-    before = run_dir / ".metrics-before-resume.csv"
-    if ckpt and cli.trainer.is_global_zero and (run_dir / "metrics.csv").is_file():
-        os.replace(run_dir / "metrics.csv", before)  # Lightning's CSVLogger starts a fresh file
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    finally:
-        if before.is_file() and cli.trainer.is_global_zero:
-            merge_metrics(before, run_dir / "metrics.csv")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if cli.trainer.is_global_zero:
         run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         run_info["global_step"] = cli.trainer.global_step
-        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+        write_json(run_dir / "run.json", run_info)
         print(f"\nrun finished: {run_dir}")
         for what, p in (("run.json", run_dir / "run.json"), ("metrics", run_dir / "metrics.csv"),
                         ("adapter", run_dir / "adapter"), ("samples", run_dir / "samples"),
@@ -167,30 +182,10 @@ def fit_main(argv: list[str]) -> int:
     return 0
 
 
-def merge_metrics(before: Path, current: Path) -> None:
-    """Continue the loss curve across a resume: rows of the interrupted run logged before the first step
-    of the resumed one, then the resumed run's rows, under the union of their columns."""
-    import csv
+def write_json(path: Path, obj: dict) -> None:
+    from ftkit.train.faults import atomic_write
 
-    def read(p: Path) -> list[dict]:
-        if not p.is_file():
-            return []
-        with open(p, newline="") as fh:
-            return list(csv.DictReader(fh))
-
-    old, new = read(before), read(current)
-    first_new = min((int(r["step"]) for r in new if r.get("step")), default=None)
-    rows = [r for r in old if first_new is None or (r.get("step") and int(r["step"]) < first_new)] + new
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    tmp = current.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, current)
-    before.unlink()
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def _model_cls():
