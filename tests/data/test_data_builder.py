@@ -15,7 +15,7 @@ from ftkit.data.schema import RecordError, StepRecord
 from ftkit.data.serialize import serialize_plan, serialize_reflection
 from ftkit.segments import Kind, Step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tokenizer_dir() -> Path:

@@ -5,8 +5,8 @@ import math
 
 from safetensors.torch import load_file
 
-from tests import test_train as tt
-from tests.test_train import metrics, run_fit, write_recipe
+from tests.train import test_train as tt
+from tests.train.test_train import metrics, run_fit, write_recipe
 
 tiny_env = tt.tiny_env  # the session fixture of test_train
 

@@ -20,8 +20,8 @@ from ftkit.train.faults import (
     verify_checkpoint,
 )
 from ftkit.train.recipe import REPO_ROOT
-from tests import test_train as tt
-from tests.test_train import metrics, run_fit, write_recipe
+from tests.train import test_train as tt
+from tests.train.test_train import metrics, run_fit, write_recipe
 
 tiny_env = tt.tiny_env  # the session fixture of test_train
 pytestmark = pytest.mark.slow

@@ -348,7 +348,7 @@ def test_format_table():
 
 def test_shipped_eval_set_is_reproducible(tmp_path):
     """data/shapes/eval is exactly `ftkit data shapes --out data/shapes/eval --n 200 --seed 1`."""
-    shipped = Path(__file__).resolve().parents[1] / "data" / "shapes" / "eval"
+    shipped = Path(__file__).resolve().parents[2] / "data" / "shapes" / "eval"
     if not (shipped / "records.jsonl").exists():
         pytest.skip("shipped eval set not present in this checkout")
     fresh = tmp_path / "eval"

@@ -35,7 +35,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-# ---------------------------------------------------------------------------- helpers (as tests/test_train.py)
+# ---------------------------------------------------------------------------- helpers (as tests/train/test_train.py)
 def write_recipe(root: Path, name: str) -> Path:
     cfg = {
         "defaults": [str(REPO_ROOT / "configs/loss/mcot.yaml"), str(REPO_ROOT / "configs/trainer/cpu.yaml")],
