@@ -40,7 +40,8 @@ def merge_main(argv: list[str] | None = None) -> int:
     """Entry point of ``ftkit merge``; returns the exit status (0 ok, 1 failed, 2 bad usage)."""
     a = build_parser().parse_args(argv)
     from ftkit.adapters.io import AdapterError
-    from ftkit.adapters.merge import MergeError, merge, verification_text
+    from ftkit.adapters.merge import merge
+    from ftkit.adapters.merge_common import MergeError, verification_text
     from ftkit.adapters.merge_fox import is_fox_folder, merge_fox
     from ftkit.errors import FtkitError
 

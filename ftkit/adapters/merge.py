@@ -7,10 +7,11 @@ For a LoRA target with base weight ``W`` [out, in], ``A`` [r, in], ``B`` [out, r
     LoRA / rsLoRA:  W' = W + s B A
     DoRA:           V = W + s B A,   W' = (m / ||V||_row) * V
 
-where ``||V||_row`` is the L2 norm of each output row over the input dimension (peft
-``DoraLinearLayer.get_weight_norm``: ``torch.linalg.norm(W + s BA, dim=1)``) and ``m`` [out] the learned
-magnitude. Both are row-local, so :func:`merge` computes ``W'`` a block of rows at a time in fp32 and
-casts to the output dtype; biases are unchanged (peft's DoRA does not rescale the bias either).
+(:func:`~ftkit.adapters.merge_common.merged_weight`, peft's arithmetic; ``||V||_row``: L2 norm of each
+output row over the input dimension; ``m`` [out] the learned magnitude). Both are row-local, so
+:func:`merge` computes ``W'`` a block of rows at a time in fp32 (peft's ``get_delta_weight`` is a method of a
+built peft layer and returns the whole ``[out, in]`` delta; the streaming merge never builds the model)
+and casts to the output dtype; biases are unchanged (peft's DoRA does not rescale the bias either).
 Trained ``modules_to_save`` replace their base tensors. Adapters trained on a three-expert model
 (``_moe_sem`` upcycled from the understanding expert) produce a three-expert checkpoint: each
 ``*_moe_sem*`` tensor starts from its understanding twin.
@@ -29,23 +30,39 @@ a model card ``README.md``.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 
 from ftkit.adapters.io import FTKIT_META, AdapterError, AdapterFolder, architecture_dict, split_disk_key
-from ftkit.errors import FtkitError
-from ftkit.models.folders import SHARD_INDEX, ST_DTYPES, ST_TAGS, parse_dtype
+from ftkit.adapters.merge_common import (
+    FOUR_BIT_EXPLANATION,
+    MergeError,
+    MergeReport,
+    adapter_method,
+    check_finite,
+    check_merge_args,
+    compare_outputs,
+    human_bytes,
+    merge_into_model,
+    merged_weight,
+    model_card,
+    probe_batch,
+    record_verification,
+    require_free_space,
+    run_probe,
+    verification_text,
+    write_errors,
+)
+from ftkit.models.folders import SHARD_INDEX, ST_DTYPES, ST_TAGS
 
 WEIGHTS = "ema.safetensors"
 INDEX = SHARD_INDEX
@@ -55,17 +72,6 @@ OPTIONAL_FILES = ("ae.safetensors", "ae_config.json", "ftkit_bagel.json", "vocab
                   "generation_config.json")
 CHUNK_BYTES = 64 << 20  # fp32 working block of a merge / copy
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|quant_state")
-FOUR_BIT_EXPLANATION = (
-    "ftkit does not merge adapters into 4-bit (or 8-bit) weights: that would dequantize each weight, add the "
-    "LoRA update and quantize again, and the update (usually smaller than one NF4 quantization step) would be "
-    "largely rounded away, so the result would not be the model you trained. A QLoRA adapter is an update to "
-    "the UNQUANTIZED base weights: merge it into the unquantized release folder instead "
-    "(`ftkit merge --base <unquantized BAGEL folder> --adapter <adapter> --out <folder>`)."
-)
-
-
-class MergeError(FtkitError):
-    """A merge that cannot be done (bad input, 4-bit target, verification above tolerance)."""
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -361,7 +367,7 @@ def plan_merge(base: Path, ckpt: Checkpoint, ad: AdapterFolder, dtype: torch.dty
         plan.append(OutTensor(name, src, out_dt, info.shape, deltas.get(name), replace.get(name)))
     plan.sort(key=lambda o: (-o.dtype.itemsize, o.name))  # keeps every tensor aligned to its element size
     stats = {"merged": len(deltas), "replaced": len(replace), "upcycled": len(sources) - len(infos),
-             "method": "dora" if dora else ("rslora" if peft_cfg.get("use_rslora") else "lora"),
+             "method": adapter_method(peft_cfg),
              "three_experts": "_moe_sem" in ad_experts}
     return plan, stats
 
@@ -369,7 +375,7 @@ def plan_merge(base: Path, ckpt: Checkpoint, ad: AdapterFolder, dtype: torch.dty
 def produce(ckpt: Checkpoint, o: OutTensor, chunk_bytes: int = CHUNK_BYTES):
     """Yield the output tensor ``o`` in blocks (rows for merged weights, elements otherwise)."""
     if o.replace is not None:
-        yield _finite(o.replace.to(o.dtype), o)
+        yield check_finite(o.name, o.replace.to(o.dtype))
         return
     info = ckpt.infos[o.source]
     if o.lora is None:
@@ -383,19 +389,9 @@ def produce(ckpt: Checkpoint, o: OutTensor, chunk_bytes: int = CHUNK_BYTES):
     rows = max(1, chunk_bytes // (4 * in_f))
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
-        w = ckpt.read_rows(o.source, r0, r1).float()
-        w.addmm_(d.B[r0:r1], d.A, alpha=d.scale)  # W + s B A  (rows r0:r1)
-        if d.magnitude is not None:  # DoRA: m / ||W + s B A||_row
-            w.mul_((d.magnitude[r0:r1] / torch.linalg.norm(w, dim=1)).unsqueeze(1))
-        yield _finite(w.to(o.dtype), o)
-
-
-def _finite(t: torch.Tensor, o) -> torch.Tensor:
-    """``t``, or MergeError when the adapter made it non-finite (a diverged run is never merged)."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise MergeError(f"{o.name}: the merged tensor has non-finite values (the adapter holds NaN/inf); nothing "
-                         "written")
-    return t
+        w = merged_weight(ckpt.read_rows(o.source, r0, r1).float(), d.A, d.B[r0:r1], d.scale,
+                          None if d.magnitude is None else d.magnitude[r0:r1])
+        yield check_finite(o.name, w.to(o.dtype))
 
 
 def shard_plan(plan: list[OutTensor], max_bytes: int | None) -> list[list[OutTensor]]:
@@ -416,56 +412,6 @@ def shard_plan(plan: list[OutTensor], max_bytes: int | None) -> list[list[OutTen
 
 # ----------------------------------------------------------------------------- verification
 
-def human_bytes(n: float) -> str:
-    """``7.8 MB``, ``512 kB``, ``14.2 GB``: three significant digits in the unit that shows them."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
-
-
-def verification_text(rep) -> str:
-    """The quantity verification compares with the tolerance, the tolerance, and the verdict, in one line:
-    ``scaled = max |merged - (base + adapter)| / max(1, max |output|)`` over the probe batch's outputs."""
-    ok = rep.max_scaled_diff <= rep.tolerance
-    return (f"max scaled diff {rep.max_scaled_diff:.3e} {'<=' if ok else '>'} tolerance {rep.tolerance:.1e} "
-            f"(|merged - (base + adapter)| / max(1, |output|) on a probe batch; max abs diff {rep.max_diff:.3e}): "
-            f"{'ok' if ok else 'FAILED'}")
-
-
-def probe_batch(cfg, seed: int = 0):
-    """A small packed batch with every token kind: text (CE), a ViT image, a clean and a noisy VAE image.
-
-    Returns (batch, forward kwargs with fixed flow noise and VAE posterior noise).
-    """
-    from ftkit.data.packer import PackConfig, pack
-    from ftkit.segments import Kind, Segment, Step
-
-    g = torch.Generator().manual_seed(seed)
-    vocab = cfg.llm.vocab_size
-    ids = lambda n: torch.randint(0, min(vocab, 1000), (n,), generator=g).tolist()  # noqa: E731
-    vit_side, vae_side = cfg.vit.patch_size * 2, cfg.vae_stride * 2
-    img = lambda s: torch.rand(3, s, s, generator=g) * 2 - 1  # noqa: E731
-    segs = [Segment(Kind.TEXT, Step.CONTEXT, text_ids=ids(5)),
-            Segment(Kind.VIT_IMAGE, image=img(vit_side)),
-            Segment(Kind.VAE_CLEAN, image=img(vae_side)),
-            Segment(Kind.TEXT, Step.PLAN, text_ids=ids(6), loss=True),
-            Segment(Kind.VAE_NOISY, Step.DRAFT, image=img(vae_side), loss=True, timestep_logit=0.3)]
-    batch = pack([segs], PackConfig(**cfg.pack_config()))
-    lat = vae_side // cfg.vae_downsample
-    eps = [torch.randn(cfg.latent_channels, lat, lat, generator=g) for _ in batch.vae_images]
-    noise = torch.randn(batch.vae_token_indexes.numel(), cfg.patch_latent_dim, generator=g)
-    return batch, {"flow_noise": noise, "vae_posterior_eps": eps}
-
-
-@torch.no_grad()
-def run_probe(model: nn.Module, probe) -> dict[str, torch.Tensor]:
-    batch, kw = probe
-    model.eval()
-    out = model(batch, return_logits=True, **kw)
-    return {"hidden": out.hidden.float(), "ce_logits": out.ce_logits.float(), "velocity": out.velocity_pred.float()}
-
-
 def verify_merge(base: Path, adapter: Path, merged: Path, three_experts: bool) -> dict:
     """Max |difference| between base + adapter (fp32, peft layers) and the merged folder (fp32) on
     :func:`probe_batch` (final hidden states, CE logits, velocity predictions). Loads one model at a
@@ -481,98 +427,28 @@ def verify_merge(base: Path, adapter: Path, merged: Path, three_experts: bool) -
     ref = run_probe(ref_model, probe)
     del ref_model
     model = load_bagel(merged, dtype=torch.float32)  # ema.safetensors or the sharded index
-    got = run_probe(model, probe)
-    diffs = {k: (got[k] - ref[k]).abs().max().item() if ref[k].numel() else 0.0 for k in ref}
-    scaled = {k: d / max(1.0, ref[k].abs().max().item() if ref[k].numel() else 0.0) for k, d in diffs.items()}
-    return {"max_diff": max(diffs.values()), "max_scaled_diff": max(scaled.values()), "per_output": diffs,
-            "probe_tokens": probe[0].sequence_length}
+    return {**compare_outputs(ref, run_probe(model, probe)), "probe_tokens": probe[0].sequence_length}
 
 
 # ----------------------------------------------------------------------------- merge
 
-@dataclass
-class MergeReport:
-    out: Path
-    files: list[str]
-    tensors: int
-    merged: int
-    replaced: int
-    upcycled: int
-    total_bytes: int
-    sharded: bool
-    method: str
-    max_diff: float | None = None
-    max_scaled_diff: float | None = None
-    tolerance: float | None = None
-    per_output: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that holds ``path`` (its nearest existing ancestor)."""
-    p = path
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def require_free_space(out: Path, need: int) -> None:
-    """Refuse (ENOSPC, naming ``out`` and both sizes in a unit that shows them) a write of ``need`` bytes
-    that the filesystem holding ``out`` cannot take."""
-    free = free_bytes(out.parent)
-    if need > free:
-        raise OSError(errno.ENOSPC, f"{out}: not enough disk space: the merged folder needs {human_bytes(need)}, "
-                                    f"{human_bytes(free)} free")
-
-
-def card_adapter_rows(ad: AdapterFolder, rep: MergeReport) -> list[str]:
-    """Model-card table rows describing the adapter (shared by the BAGEL and FoX merges)."""
-    cfg, fp = ad.cfg, ad.fingerprint
-    trained_on = f"QLoRA, {fp['quantization']} base" if fp.get("quantization") else fp.get("dtype", "?")
-    return [
-        f"| method | {rep.method} (preset `{cfg.preset}`, r {cfg.r}, alpha {cfg.alpha}"
-        + (f", per-expert r {cfg.expert_r}" if cfg.expert_r else "")
-        + (f", per-expert alpha {cfg.expert_alpha}" if cfg.expert_alpha else "") + ") |",
-        f"| merged projections | {rep.merged} |",
-        f"| modules_to_save | {', '.join(cfg.modules_to_save) or 'none'} |",
-        f"| trained on | {trained_on}; experts {fp.get('experts')} |",
-    ]
-
-
-def card_extra_rows(extra: dict) -> list[str]:
-    """Model-card rows for the run information recorded with the adapter (recipe, run, data, metrics, other)."""
-    known = ("recipe", "run", "data", "metrics")
-    rows = [f"| {key} | `{json.dumps(extra[key])}` |" for key in known if key in extra]
-    others = {k: v for k, v in extra.items() if k not in known}
-    if others:
-        rows.append(f"| other | `{json.dumps(others)}` |")
-    return rows
+def _require_config_files(base: Path) -> None:
+    absent = [f for f in CONFIG_FILES if not (base / f).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{base}: missing {', '.join(absent)} (not a BAGEL release folder)")
 
 
 def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: MergeReport, dtype: torch.dtype) -> str:
-    extra = ad.meta.get("extra") or {}
-    lines = [
-        "# BAGEL with merged adapter", "",
-        f"Merged by ftkit {ad.meta.get('ftkit_version', '?')} (`ftkit merge`).", "",
-        "| | |", "|---|---|",
-        f"| base | `{base}` |",
-        f"| adapter | `{adapter}` |",
-        *card_adapter_rows(ad, rep),
-        f"| weights | {str(dtype).removeprefix('torch.')} ({'sharded, ' + INDEX if rep.sharded else WEIGHTS}) |",
-    ]
+    rows = [f"| weights | {str(dtype).removeprefix('torch.')} ({'sharded, ' + INDEX if rep.sharded else WEIGHTS}) |"]
     if rep.upcycled:
-        lines.append(f"| experts | three (the `_moe_sem` expert, {rep.upcycled} tensors, starts from the understanding "
-                     "expert and carries its trained adapter) |")
-    if rep.max_diff is not None:
-        lines.append(f"| verification | {verification_text(rep)} |")
-    lines += card_extra_rows(extra)
-    lines += ["", "## Loading", "",
-              "ftkit: `ftkit.models.loading.load_bagel(PATH)` or `ftkit generate --model PATH` "
-              "(reads `ema.safetensors` or the sharded index).",
-              "Upstream BAGEL: point its loader at this folder " + (
-                  f"(`load_checkpoint_and_dispatch(model, checkpoint=PATH)` reads `{INDEX}`)." if rep.sharded else
-                  f"(`{WEIGHTS}`, as the release)."), ""]
-    return "\n".join(lines)
+        rows.append(f"| experts | three (the `_moe_sem` expert, {rep.upcycled} tensors, starts from the understanding "
+                    "expert and carries its trained adapter) |")
+    loading = ["ftkit: `ftkit.models.loading.load_bagel(PATH)` or `ftkit generate --model PATH` "
+               "(reads `ema.safetensors` or the sharded index).",
+               "Upstream BAGEL: point its loader at this folder " + (
+                   f"(`load_checkpoint_and_dispatch(model, checkpoint=PATH)` reads `{INDEX}`)." if rep.sharded else
+                   f"(`{WEIGHTS}`, as the release).")]
+    return model_card("BAGEL", f"`{base}`", adapter, ad, rep, rows, loading)
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torch.dtype | str = torch.bfloat16,
@@ -604,23 +480,14 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
         MergeError: quantized base weights; verification above tolerance.
         OSError: writing failed (e.g. disk full); nothing is left under ``out``.
     """
+    from tqdm.auto import tqdm
+
     from ftkit.models.release import atomic_dir
 
     t0 = time.perf_counter()
-    if isinstance(base, nn.Module):
-        raise TypeError("merge() takes the base release FOLDER (streaming); for an in-memory model use "
-                        "merge_into_model(model)")
-    base, adapter, out = Path(base), Path(adapter), Path(out)
-    dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base}: base folder not found")
-    absent = [f for f in CONFIG_FILES if not (base / f).is_file()]
-    if absent:
-        raise FileNotFoundError(f"{base}: missing {', '.join(absent)} (not a BAGEL release folder)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: output folder exists (pass overwrite=True / --overwrite)")
-    ad = AdapterFolder(adapter)
+    base, adapter, out, dtype, ad = check_merge_args("merge() takes the base release FOLDER (streaming)", base,
+                                                     adapter, out, dtype, overwrite, _require_config_files)
     with Checkpoint(base) as ckpt:
         plan, stats = plan_merge(base, ckpt, ad, dtype)
         total = sum(o.nbytes for o in plan)
@@ -633,11 +500,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
         require_free_space(out, need)
         rep = MergeReport(out=out, files=[], tensors=len(plan), merged=stats["merged"], replaced=stats["replaced"],
                           upcycled=stats["upcycled"], total_bytes=total, sharded=sharded, method=stats["method"])
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan), unit="tensor", desc="merge", disable=not progress)
         with atomic_dir(out, overwrite, inputs=(base, adapter), model_folder=True) as tmp:
-            try:
+            with write_errors(out), tqdm(total=len(plan), unit="tensor", desc="merge", disable=not progress) as bar:
                 for fname, shard in zip(names, shards):
                     w = StreamingSafetensorsWriter(tmp / fname, [(o.name, o.dtype, o.shape) for o in shard],
                                                    {"format": "pt"})
@@ -663,68 +527,17 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
                     d = json.loads((tmp / "ftkit_bagel.json").read_text())
                     d.update(experts=["", "_moe_sem", "_moe_gen"], routing=[0, 1, 2])
                     (tmp / "ftkit_bagel.json").write_text(json.dumps(d, indent=2))
-            except OSError as e:
-                raise OSError(e.errno, f"{out}: writing the merged folder failed ({e.strerror or e}); is the disk "
-                                       f"full? Nothing was written under {out}") from e
-            finally:
-                bar.close()
             if verify:
-                tol = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
-                v = verify_merge(base, adapter, tmp, stats["three_experts"])
-                rep.max_diff, rep.tolerance, rep.per_output = v["max_diff"], tol, v["per_output"]
-                rep.max_scaled_diff = v["max_scaled_diff"]
-                if not rep.max_scaled_diff <= tol:
-                    raise MergeError(f"{out}: verification failed: merged model differs from base + adapter by "
-                                     f"{rep.max_diff:.3e} (scaled {rep.max_scaled_diff:.3e}) > tolerance {tol:.1e} "
-                                     f"({v['per_output']}); nothing written")
+                record_verification(rep, verify_merge(base, adapter, tmp, stats["three_experts"]), tolerance, dtype,
+                                    out)
             (tmp / "README.md").write_text(_model_card(base, adapter, ad, rep, dtype))
             rep.files.append("README.md")
     rep.seconds = time.perf_counter() - t0
     return rep
 
 
-# ----------------------------------------------------------------------------- in memory
-
-def _is_low_bit(layer: nn.Module) -> bool:
-    kind = type(layer).__name__
-    wkind = type(getattr(layer, "weight", None)).__name__
-    return kind in ("Linear4bit", "Linear8bitLt") or wkind in ("Params4bit", "Int8Params")
-
-
-def merge_into_model(model: nn.Module) -> nn.Module:
-    """Fold the attached adapters into the model's own (bf16/fp32) weights and remove the adapter layers.
-
-    modules_to_save already hold their trained values; their base copies are dropped.
-
-    Raises:
-        MergeError: a targeted layer is a bitsandbytes 4-/8-bit layer (QLoRA; see the explanation in the
-            message: merge into the unquantized release folder with :func:`merge`).
-    """
-    from ftkit.adapters.attach import _BASE_PREFIX, adapter_state, detach_adapter_state, lora_layers
-
-    state = adapter_state(model)
-    cfg = state.cfg
-    if not state.enabled:
-        raise MergeError("merge_into_model inside adapters_disabled(); leave the context first")
-    layers = lora_layers(model)
-    low = [n for n, m in layers.items() if _is_low_bit(m.get_base_layer())]
-    if low:
-        raise MergeError(f"{low[0]} (and {len(low) - 1} more) are 4-/8-bit layers. {FOUR_BIT_EXPLANATION}")
-    for name, layer in layers.items():
-        layer.merge(safe_merge=True)
-        parent_name, _, attr = name.rpartition(".")
-        base = layer.get_base_layer()
-        base.weight.requires_grad_(False)
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, base)
-    for path in cfg.module_paths_to_save():
-        for sub in model.get_submodule(path).modules():
-            for b in [b for b in sub._buffers if b.startswith(_BASE_PREFIX)]:
-                del sub._buffers[b]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    detach_adapter_state(model)
-    return model
-
-
+# merge_into_model, MergeError, MergeReport, probe_batch, run_probe, human_bytes, verification_text and
+# FOUR_BIT_EXPLANATION live in merge_common; they stay importable from here, their home before it.
 __all__ = ["merge", "merge_into_model", "MergeError", "MergeReport", "Checkpoint", "StreamingSafetensorsWriter",
-           "verify_merge", "probe_batch", "parse_size", "lora_scale", "FOUR_BIT_EXPLANATION"]
+           "verify_merge", "probe_batch", "run_probe", "parse_size", "lora_scale", "FOUR_BIT_EXPLANATION",
+           "human_bytes", "verification_text"]

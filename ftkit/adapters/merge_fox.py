@@ -2,9 +2,11 @@
 
 FoX checkpoints are small (Qwen2-0.5B-class: about 1.3B parameters in ``copy`` mode, 5 GiB in fp32), so
 the merge loads the base whole in fp32 instead of streaming it (:func:`ftkit.adapters.merge.merge` is
-the streaming merge of BAGEL release folders). The math is peft's, per LoRA target with base weight
-``W`` [out, in], ``A`` [r, in], ``B`` [out, r] and scale ``s`` (``alpha / r``; rsLoRA ``alpha / sqrt(r)``;
-per-module values from ``rank_pattern`` / ``alpha_pattern``)::
+the streaming merge of BAGEL release folders). The math is the streaming merge's, peft's operation for
+operation (:func:`~ftkit.adapters.merge_common.merged_weight` through
+:func:`~ftkit.adapters.merge_common.merge_into_model`), per LoRA target with base weight ``W`` [out, in],
+``A`` [r, in], ``B`` [out, r] and scale ``s`` (``alpha / r``; rsLoRA ``alpha / sqrt(r)``; per-module values
+from ``rank_pattern`` / ``alpha_pattern``)::
 
     LoRA / rsLoRA:  W' = W + s B A
     DoRA:           W' = m / ||W + s B A||_row * (W + s B A)
@@ -48,30 +50,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ftkit.adapters import merge_common as common
 from ftkit.adapters.attach import lora_layers
 from ftkit.adapters.config import AdapterConfigError
 from ftkit.adapters.io import AdapterError, AdapterFolder, load_adapter, split_disk_key
-from ftkit.adapters.merge import (
-    MergeError,
-    MergeReport,
-    card_adapter_rows,
-    card_extra_rows,
-    merge_into_model,
-    probe_batch,
-    require_free_space,
-    run_probe,
-    verification_text,
-)
 from ftkit.models.experts import is_adapter_parameter
-from ftkit.models.folders import FOX_MODEL_TYPE, is_fox_folder, parse_dtype  # noqa: F401
+from ftkit.models.folders import FOX_MODEL_TYPE, is_fox_folder
 from ftkit.models.fox import unique_tensors
 
 WEIGHTS = "model.safetensors"
 
 
 @dataclass
-class FoxMergeReport(MergeReport):
-    """:class:`~ftkit.adapters.merge.MergeReport` plus what happened to the experts.
+class FoxMergeReport(common.MergeReport):
+    """:class:`~ftkit.adapters.merge_common.MergeReport` plus what happened to the experts.
 
     ``fox_mode_in`` / ``fox_mode_out``: the base's and the output's ``fox_mode``; ``untied_experts``:
     expert suffixes that got their own copy of previously shared base weights; ``shared_experts``: the
@@ -83,8 +75,6 @@ class FoxMergeReport(MergeReport):
     untied_experts: list[str] = field(default_factory=list)
     shared_experts: dict[str, str] = field(default_factory=dict)
     untied_other: list[str] = field(default_factory=list)
-
-
 
 
 # ----------------------------------------------------------------------------- untying shared weights
@@ -169,30 +159,27 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _model_card(base: Path, adapter: Path, ad: AdapterFolder, rep: FoxMergeReport, dtype: torch.dtype) -> str:
-    extra = ad.meta.get("extra") or {}
-    lines = [
-        "# FoX with merged adapter", "",
-        f"Merged by ftkit {ad.meta.get('ftkit_version', '?')} (`ftkit merge`).", "",
-        "| | |", "|---|---|",
-        f"| base | `{base}` (fox_mode {rep.fox_mode_in}) |",
-        f"| adapter | `{adapter}` |",
-        *card_adapter_rows(ad, rep),
-        f"| weights | {str(dtype).removeprefix('torch.')} ({WEIGHTS}), fox_mode {rep.fox_mode_out}"
-        + (f", shared experts {rep.shared_experts}" if rep.shared_experts else "") + " |",
-    ]
+    rows = [f"| weights | {str(dtype).removeprefix('torch.')} ({WEIGHTS}), fox_mode {rep.fox_mode_out}"
+            + (f", shared experts {rep.shared_experts}" if rep.shared_experts else "") + " |"]
     if rep.untied_experts:
         names = ", ".join(f"`{s or 'base'}`" for s in rep.untied_experts)
-        lines.append(f"| untied | experts {names} got their own copy of the shared base weights (each carries "
-                     "its own merged adapter) |")
+        rows.append(f"| untied | experts {names} got their own copy of the shared base weights (each carries "
+                    "its own merged adapter) |")
     if rep.untied_other:
-        lines.append(f"| untied weights | {', '.join(rep.untied_other)} |")
-    if rep.max_diff is not None:
-        lines.append(f"| verification | {verification_text(rep)} |")
-    lines += card_extra_rows(extra)
-    lines += ["", "## Loading", "",
-              "`ftkit.models.fox.load_fox(PATH)` (pass `quantize=\"nf4\"` for QLoRA on top) and "
-              "`load_fox_tokenizer(PATH)`, or `ftkit generate --model PATH`.", ""]
-    return "\n".join(lines)
+        rows.append(f"| untied weights | {', '.join(rep.untied_other)} |")
+    loading = ["`ftkit.models.fox.load_fox(PATH)` (pass `quantize=\"nf4\"` for QLoRA on top) and "
+               "`load_fox_tokenizer(PATH)`, or `ftkit generate --model PATH`."]
+    return common.model_card("FoX", f"`{base}` (fox_mode {rep.fox_mode_in})", adapter, ad, rep, rows, loading)
+
+
+def _require_fox_config(base: Path) -> None:
+    cfg_path = base / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: file not found (a FoX folder holds config.json, {WEIGHTS}, vae/ and "
+                                "tokenizer files)")
+    if not is_fox_folder(base):
+        raise ValueError(f"{cfg_path}: not a FoX checkpoint (field model_type must be {FOX_MODEL_TYPE!r}); "
+                         "BAGEL release folders merge with ftkit.adapters.merge.merge")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -206,7 +193,7 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     (:func:`~ftkit.adapters.io.load_adapter`: experts, architecture and target shapes are checked against
     the adapter's fingerprint), run the probe batch through base + adapter (reference), untie shared
     weights the adapter would change (:func:`untie_adapted_weights`), fold the adapters in
-    (:func:`~ftkit.adapters.merge.merge_into_model`), write the folder (module doc), load it back with
+    (:func:`~ftkit.adapters.merge_common.merge_into_model`), write the folder (module doc), load it back with
     ``load_fox`` in fp32 and compare.
 
     Args:
@@ -218,7 +205,7 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
             the VAE folder is copied unchanged.
         overwrite: replace an existing ``out``.
         verify: compare base + adapter (fp32) with the written folder (loaded in fp32) on
-            :func:`~ftkit.adapters.merge.probe_batch` (text, ViT, clean and noisy VAE tokens: final hidden
+            :func:`~ftkit.adapters.merge_common.probe_batch` (text, ViT, clean and noisy VAE tokens: final hidden
             states, CE logits, velocities); fail when the max abs difference, each output's divided by
             its largest magnitude where that exceeds 1, is above ``tolerance`` (default 1e-4 for fp32
             output, 2e-2 for bf16/fp16).
@@ -227,7 +214,7 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
         A :class:`FoxMergeReport` (``max_diff`` / ``max_scaled_diff`` / ``per_output`` when verified).
 
     Raises:
-        TypeError: ``base`` is a model (use :func:`~ftkit.adapters.merge.merge_into_model`).
+        TypeError: ``base`` is a model (use :func:`~ftkit.adapters.merge_common.merge_into_model`).
         ValueError: ``base`` is not a FoX folder (config.json ``model_type``), unknown ``dtype``.
         FileNotFoundError: a folder or file of ``base`` / ``adapter`` is missing.
         FileExistsError: ``out`` exists and not ``overwrite``.
@@ -240,23 +227,10 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
     from ftkit.models.release import atomic_dir
 
     t0 = time.perf_counter()
-    if isinstance(base, nn.Module):
-        raise TypeError("merge_fox() takes the base FoX FOLDER; for an in-memory model use merge_into_model(model)")
-    base, adapter, out = Path(base), Path(adapter), Path(out)
-    dtype = parse_dtype(dtype)
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base}: base folder not found")
-    cfg_path = base / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: file not found (a FoX folder holds config.json, {WEIGHTS}, vae/ and "
-                                "tokenizer files)")
-    if not is_fox_folder(base):
-        raise ValueError(f"{cfg_path}: not a FoX checkpoint (field model_type must be {FOX_MODEL_TYPE!r}); "
-                         "BAGEL release folders merge with ftkit.adapters.merge.merge")
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: output folder exists (pass overwrite=True / --overwrite)")
-    ad = AdapterFolder(adapter)  # missing / malformed adapter files fail here, before the base is read
+    # missing / malformed adapter files fail here, before the base is read
+    base, adapter, out, dtype, ad = common.check_merge_args("merge_fox() takes the base FoX FOLDER", base, adapter,
+                                                            out, dtype, overwrite, _require_fox_config)
+    raw = json.loads((base / "config.json").read_text(encoding="utf-8"))
     vae_src = base / str(raw.get("vae", "vae"))
 
     model = load_fox(base, dtype=torch.float32)  # unquantized: QLoRA updates land in the full-precision weights
@@ -266,20 +240,20 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
         raise AdapterError(f"cannot merge {adapter} into the FoX base {base}: {e}") from e
     merged = len(lora_layers(model))
     replaced = sum(1 for k in ad.tensors() if split_disk_key(k)[1] == "param")
-    method = "dora" if ad.peft.get("use_dora") else ("rslora" if ad.peft.get("use_rslora") else "lora")
+    method = common.adapter_method(ad.peft)
     probe = ref = None
     if verify:
-        probe = probe_batch(model.cfg)
-        ref = run_probe(model, probe)
+        probe = common.probe_batch(model.cfg)
+        ref = common.run_probe(model, probe)
 
     untied, other = untie_adapted_weights(model)
-    merge_into_model(model)
+    common.merge_into_model(model)
     from ftkit.models.experts import shared_expert_pairs
 
     try:
         pairs = shared_expert_pairs(model)
     except ValueError as e:
-        raise MergeError(f"{base}: after untying, experts share only part of their weights ({e})") from e
+        raise common.MergeError(f"{base}: after untying, experts share only part of their weights ({e})") from e
     tensors, ties = unique_tensors(model, dtype)  # each storage once, ties recorded as save_fox does
     cfg_dict = model.cfg.to_dict()
     lm = model.language_model
@@ -298,35 +272,22 @@ def merge_fox(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os
                          fox_mode_in=str(raw.get("fox_mode", "copy")), fox_mode_out=meta["fox_mode"],
                          untied_experts=untied, shared_experts=pairs, untied_other=other)
     del model
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise MergeError(f"{out}: merged tensor {bad[0]} has non-finite values (the adapter holds NaN/inf; "
-                         f"{len(bad)} tensor(s) in all); nothing written")
+    for k, t in tensors.items():
+        common.check_finite(k, t)
     need = total + _dir_bytes(vae_src) + (4 << 20)
-    require_free_space(out, need)
+    common.require_free_space(out, need)
     from safetensors.torch import save_file
 
     with atomic_dir(out, overwrite, inputs=(base, adapter), model_folder=True) as tmp:
-        try:
+        with common.write_errors(out):
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "model_type": FOX_MODEL_TYPE})
             del tensors
             shutil.copytree(vae_src, tmp / "vae")
             tokenizer.save_pretrained(str(tmp))
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OSError(e.errno, f"{out}: writing the merged folder failed ({e.strerror or e}); is the disk "
-                                   f"full? Nothing was written under {out}") from e
         if verify:
-            tol = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
-            got = run_probe(load_fox(tmp, dtype=torch.float32), probe)
-            diffs = {k: (got[k] - ref[k]).abs().max().item() if ref[k].numel() else 0.0 for k in ref}
-            scaled = {k: d / max(1.0, ref[k].abs().max().item() if ref[k].numel() else 0.0) for k, d in diffs.items()}
-            rep.max_diff, rep.max_scaled_diff = max(diffs.values()), max(scaled.values())
-            rep.tolerance, rep.per_output = tol, diffs
-            if not rep.max_scaled_diff <= tol:
-                raise MergeError(f"{out}: verification failed: merged model differs from base + adapter by "
-                                 f"{rep.max_diff:.3e} (scaled {rep.max_scaled_diff:.3e}) > tolerance {tol:.1e} "
-                                 f"({diffs}); nothing written")
+            got = common.run_probe(load_fox(tmp, dtype=torch.float32), probe)
+            common.record_verification(rep, common.compare_outputs(ref, got), tolerance, dtype, out)
         (tmp / "README.md").write_text(_model_card(base, adapter, ad, rep, dtype), encoding="utf-8")
         rep.files = sorted(p.name for p in tmp.iterdir())
     rep.seconds = time.perf_counter() - t0

@@ -289,3 +289,49 @@ def test_parse_size_and_scale():
     cfg = {"lora_alpha": 8, "alpha_pattern": {r"a\.\d+\.q": 4}, "use_rslora": False}
     assert lora_scale(cfg, "m.a.1.q", 2) == 2.0 and lora_scale(cfg, "m.a.1.k", 2) == 4.0
     assert lora_scale({**cfg, "use_rslora": True}, "m.a.1.k", 4) == 4.0
+
+
+# ----------------------------------------------------------------------------- the one merge formula
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora"])
+def test_merged_weight_is_peft_merge_bit_for_bit(method, dtype):
+    """merged_weight (used by the streaming merge and by merge_into_model / merge_fox) equals peft's own
+    layer.merge on real peft layers bit for bit (fp32 and bf16 bases, fp32 adapters, s = 5/3 or 5/sqrt(3),
+    not a power of two), and merges a block of rows on its own (what the streaming merge relies on)."""
+    from ftkit.adapters.attach import ADAPTER_NAME
+    from ftkit.adapters.merge_common import merged_weight
+
+    model = build_random_bagel(tiny_bagel_config(), dtype=dtype)
+    attach_adapters(model, AdapterConfig(method=method, preset="generative", r=3, alpha=5.0))
+    randomize(model, seed=5)
+    layers = lora_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        args = (layer.lora_A[ADAPTER_NAME].weight.detach(), layer.lora_B[ADAPTER_NAME].weight.detach(),
+                layer.scaling[ADAPTER_NAME])
+        mag = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach() if method == "dora" else None
+        assert layer.scaling[ADAPTER_NAME] == (5 / 3 ** 0.5 if method == "rslora" else 5 / 3)
+        w0 = base.weight.detach().clone()
+        ours = merged_weight(w0, *args, mag)
+        assert torch.equal(base.weight, w0), "merged_weight changed its input"
+        rows = w0.shape[0] // 3
+        blocks = torch.cat([merged_weight(w0[:rows], args[0], args[1][:rows], args[2], None if mag is None else mag[:rows]),
+                            merged_weight(w0[rows:], args[0], args[1][rows:], args[2], None if mag is None else mag[rows:])])
+        torch.testing.assert_close(blocks, ours, rtol=1e-6, atol=0, msg=name)
+        with torch.no_grad():
+            layer.merge(safe_merge=True)
+        assert base.weight.dtype == ours.dtype == dtype and torch.equal(base.weight, ours), name
+        assert not torch.equal(ours, w0), name
+
+
+def test_merge_into_model_refuses_a_non_finite_adapter(fixture_dir):
+    model = load_bagel(fixture_dir, dtype=torch.float32)
+    attach_adapters(model, AdapterConfig(preset="generative", r=4))
+    name = sorted(lora_layers(model))[3]
+    with torch.no_grad():
+        lora_layers(model)[name].lora_B["default"].weight.fill_(float("inf"))
+    with pytest.raises(MergeError, match=rf"{name}\.weight: the merged tensor has non-finite values"):
+        merge_into_model(model)
