@@ -83,14 +83,19 @@ class BuilderConfig:
                              f"{self.vit_patch_size}")
 
 
-def pil_to_tensor(image, size: int) -> torch.Tensor:
-    """PIL image -> [3, size, size] float32 in [-1, 1] (bicubic resize, ``(x/255 - 0.5)/0.5``)."""
+def pil_to_tensor(image, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL image -> [3, H, W] float32 in [-1, 1]: RGB, resized (bicubic) to ``size`` (S: square, or (H, W);
+    None: as it is) when it differs, then ``(x/255 - 0.5)/0.5``. The one image conversion of training
+    and inference (:func:`ftkit.infer.context.image_to_tensor`)."""
     from PIL import Image
 
     im = image.convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.BICUBIC)
+    w, h = im.size
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
     return (x.permute(2, 0, 1).to(torch.float32) / 255.0 - 0.5) / 0.5
 
 

@@ -10,6 +10,10 @@ Rules (../shared/spec/bagel.md, reproduced exactly on the bagel-tiny fixture):
   a clean VAE image, not after a noisy target; a noisy image is seen by no token outside it.
 * a dropped segment (CFG dropout) emits no token; a dropped image still advances the position.
 * RoPE positions restart at 0 for each packed sample; samples never attend to each other.
+
+These rules live in :func:`wrap_text`, :func:`text_layout`, :func:`image_layout` (+ :func:`image_advance`),
+:func:`vit_patches`, :func:`vae_grid` and :func:`latent_position_ids`; the packer and inference
+(:mod:`ftkit.infer.context`, which appends the same blocks to a KV cache) both build their tokens from them.
 """
 
 from __future__ import annotations
@@ -59,10 +63,92 @@ def patchify_vit(image: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def grid_position_ids(h: int, w: int, max_side: int) -> torch.Tensor:
+    """[h*w] rows of a ``max_side x max_side`` position table for an h x w token grid: ``row * max_side + col``."""
     if h > max_side or w > max_side:
         raise ValueError(f"image grid {h}x{w} exceeds the position table's {max_side}x{max_side}")
     rows = torch.arange(h).unsqueeze(1) * max_side
     return (rows + torch.arange(w).unsqueeze(0)).reshape(-1)
+
+
+def vit_patches(cfg: PackConfig, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViT image [3, H, W] -> (patches [N, p*p*3] of :func:`patchify_vit`, their position ids [N] in the
+    ``vit_max_patches_per_side`` table), N = (H/p)(W/p)."""
+    p = cfg.vit_patch_size
+    tokens = patchify_vit(image, p)
+    return tokens, grid_position_ids(image.shape[1] // p, image.shape[2] // p, cfg.vit_max_patches_per_side)
+
+
+def vae_grid(cfg: PackConfig, image: torch.Tensor) -> tuple[int, int]:
+    """VAE image [3, H, W] -> its latent token grid (H / stride, W / stride); raises ValueError unless H and W
+    are multiples of ``cfg.vae_stride``."""
+    s = cfg.vae_stride
+    if image.shape[1] % s or image.shape[2] % s:
+        raise ValueError(f"VAE image {image.shape[1]}x{image.shape[2]} is not a multiple of {s}")
+    return image.shape[1] // s, image.shape[2] // s
+
+
+def latent_position_ids(cfg: PackConfig, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """[h*w] rows of the latent position table (side ``max_latent_size``) of an h x w VAE token grid."""
+    return grid_position_ids(*grid_hw, cfg.max_latent_size)
+
+
+# token kind of an image segment's body (its markers are text tokens)
+IMAGE_TOKEN_KIND = {Kind.VIT_IMAGE: TOKEN_VIT, Kind.VAE_CLEAN: TOKEN_VAE, Kind.VAE_NOISY: TOKEN_VAE}
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The tokens of one text or image segment, in sequence order.
+
+    ``text_ids`` sit at the offsets ``text_offsets`` (text: every token; image: the two markers), image
+    tokens at ``body_offsets``; per token its RoPE position, functionality and token kind; ``attention``
+    inside the block (``"causal"`` | ``"full"`` | ``"noise"``); ``advance``: how far the RoPE position
+    moves past the block.
+    """
+
+    text_ids: list[int]
+    text_offsets: list[int]
+    body_offsets: list[int]
+    position_ids: list[int]
+    functionality: list[int]
+    token_kind: list[int]
+    attention: str
+    advance: int
+
+    def __len__(self) -> int:
+        return len(self.position_ids)
+
+
+def wrap_text(cfg: PackConfig, ids: Sequence[int]) -> list[int]:
+    """``[<|im_start|>] ids [<|im_end|>]``: a text segment's tokens."""
+    return [cfg.bos_id, *ids, cfg.eos_id]
+
+
+def text_layout(ids: Sequence[int], position: int, functionality: int = Functionality.LINGUISTIC) -> BlockLayout:
+    """Text tokens ``ids`` as given (a segment's are :func:`wrap_text`'s): positions ``position, position + 1,
+    ...``, causal, ``(functionality, TOKEN_TEXT)``; advance ``len(ids)``."""
+    n = len(ids)
+    return BlockLayout(text_ids=list(ids), text_offsets=list(range(n)), body_offsets=[],
+                       position_ids=list(range(position, position + n)), functionality=[int(functionality)] * n,
+                       token_kind=[TOKEN_TEXT] * n, attention="causal", advance=n)
+
+
+def image_advance(noisy: bool) -> int:
+    """RoPE positions an image takes: 1 for a ViT or clean VAE image (dropped or not), 0 for a noisy target."""
+    return 0 if noisy else 1
+
+
+def image_layout(cfg: PackConfig, n_body: int, position: int, functionality: int, token_kind: int, *,
+                 noisy: bool = False) -> BlockLayout:
+    """``[<|vision_start|>] n_body tokens [<|vision_end|>]``, all at ``position``; markers ``(LINGUISTIC,
+    TOKEN_TEXT)``, body ``(functionality, token_kind)``; bidirectional inside (``"noise"``: also seen by no
+    token outside it); advance :func:`image_advance`."""
+    n, lin = n_body + 2, int(Functionality.LINGUISTIC)
+    return BlockLayout(text_ids=[cfg.start_of_image, cfg.end_of_image], text_offsets=[0, n - 1],
+                       body_offsets=list(range(1, n - 1)), position_ids=[position] * n,
+                       functionality=[lin] + [int(functionality)] * n_body + [lin],
+                       token_kind=[TOKEN_TEXT] + [int(token_kind)] * n_body + [TOKEN_TEXT],
+                       attention="noise" if noisy else "full", advance=image_advance(noisy))
 
 
 class _Builder:
@@ -97,13 +183,17 @@ class _Builder:
         self.mse_step: list[int] = []
         self.sample_lengths: list[int] = []
 
-    def _emit(self, n: int, pos: int | list[int], kind: int | list[int], func: int | list[int], sample: int, step: int):
-        start = self.L
-        self.pos += pos if isinstance(pos, list) else [pos] * n
-        self.kind += kind if isinstance(kind, list) else [kind] * n
-        self.func += func if isinstance(func, list) else [func] * n
+    def _emit(self, lay: BlockLayout, sample: int, step: int) -> int:
+        """Append a block's tokens (text ids at their indexes, attention split); returns its first index."""
+        start, n = self.L, len(lay)
+        self.pos += lay.position_ids
+        self.kind += lay.token_kind
+        self.func += lay.functionality
         self.sample += [sample] * n
         self.step += [step] * n
+        self.text_ids += lay.text_ids
+        self.text_idx += [start + o for o in lay.text_offsets]
+        self.attention.append((start, start + n, lay.attention, sample))
         self.L += n
         return start
 
@@ -116,11 +206,9 @@ class _Builder:
             if seg.kind == Kind.TEXT:
                 if seg.dropped:
                     continue
-                ids = [cfg.bos_id, *seg.text_ids, cfg.eos_id]
-                n = len(ids)
-                start = self._emit(n, list(range(rope, rope + n)), TOKEN_TEXT, int(seg.functionality), sample, int(seg.step))
-                self.text_ids += ids
-                self.text_idx += list(range(start, start + n))
+                ids = wrap_text(cfg, seg.text_ids)
+                lay = text_layout(ids, rope, seg.functionality)
+                start, n = self._emit(lay, sample, int(seg.step)), len(lay)
                 if seg.loss:
                     self.ce_idx += list(range(start, start + n - 1))
                     self.ce_lab += ids[1:]
@@ -129,50 +217,35 @@ class _Builder:
                     self.ce_idx.append(start + n - 1)
                     self.ce_lab.append(int(seg.end_label))
                     self.ce_step.append(int(seg.step))
-                self.attention.append((start, start + n, "causal", sample))
-                rope += n
+                rope += lay.advance
                 continue
 
             noisy = seg.kind == Kind.VAE_NOISY
             if seg.dropped:
-                if not noisy:
-                    rope += 1
+                rope += image_advance(noisy)
                 continue
             image = seg.image
             if seg.kind == Kind.VIT_IMAGE:
-                p = cfg.vit_patch_size
-                tokens = patchify_vit(image, p)
-                hw = (image.shape[1] // p, image.shape[2] // p)
+                tokens, vit_pos = vit_patches(cfg, image)
                 n_img = tokens.shape[0]
-                tok_kind = TOKEN_VIT
             else:
-                s = cfg.vae_stride
-                if image.shape[1] % s or image.shape[2] % s:
-                    raise ValueError(f"VAE image {image.shape[1]}x{image.shape[2]} is not a multiple of {s}")
-                hw = (image.shape[1] // s, image.shape[2] // s)
+                hw = vae_grid(cfg, image)
                 n_img = hw[0] * hw[1]
-                tok_kind = TOKEN_VAE
-            n = n_img + 2
-            marker_func = int(Functionality.LINGUISTIC)
-            funcs = [marker_func] + [int(seg.functionality)] * n_img + [marker_func]
-            kinds = [TOKEN_TEXT] + [tok_kind] * n_img + [TOKEN_TEXT]
-            start = self._emit(n, rope, kinds, funcs, sample, int(seg.step))
-            self.text_ids += [cfg.start_of_image, cfg.end_of_image]
-            self.text_idx += [start, start + n - 1]
-            body = list(range(start + 1, start + 1 + n_img))
+            lay = image_layout(cfg, n_img, rope, seg.functionality, IMAGE_TOKEN_KIND[seg.kind], noisy=noisy)
+            start = self._emit(lay, sample, int(seg.step))
+            body = [start + o for o in lay.body_offsets]
+            rope += lay.advance
             if seg.kind == Kind.VIT_IMAGE:
                 self.vit_tokens.append(tokens)
-                self.vit_pos.append(grid_position_ids(*hw, cfg.vit_max_patches_per_side))
+                self.vit_pos.append(vit_pos)
                 self.vit_idx += body
                 self.vit_seqlens.append(n_img)
-                rope += 1
-                self.attention.append((start, start + n, "full", sample))
             else:
                 image_of_segment[si] = len(self.vae_images)
                 self.vae_images.append(image)
                 self.vae_hw.append(hw)
                 self.vae_idx += body
-                self.vae_pos.append(grid_position_ids(*hw, cfg.max_latent_size))
+                self.vae_pos.append(latent_position_ids(cfg, hw))
                 self.vae_noisy.append(noisy)
                 self.vae_step.append(int(seg.step))
                 if noisy:
@@ -192,14 +265,9 @@ class _Builder:
                         raise ValueError(f"segment {si}: pair_with={seg.pair_with} is not an earlier VAE image")
                     pair = image_of_segment[seg.pair_with]
                 self.vae_pair.append(pair)
-                if noisy:
-                    if seg.loss:
-                        self.mse_idx += body
-                        self.mse_step += [int(seg.step)] * n_img
-                    self.attention.append((start, start + n, "noise", sample))
-                else:
-                    rope += 1
-                    self.attention.append((start, start + n, "full", sample))
+                if noisy and seg.loss:
+                    self.mse_idx += body
+                    self.mse_step += [int(seg.step)] * n_img
         self.sample_lengths.append(self.L - start_len)
 
     def build(self) -> PackedBatch:

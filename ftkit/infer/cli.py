@@ -1,16 +1,8 @@
-"""``ftkit generate`` and ``ftkit eval``: the inference verbs, and the model loader they share.
+"""``ftkit generate`` and ``ftkit eval``: argument parsing, dispatch and printing.
 
-:func:`load_for_inference` opens any folder ftkit can generate with:
-
-* a BAGEL release folder (``llm_config.json``, ``vit_config.json``, ``ema.safetensors``, ``ae.safetensors``,
-  tokenizer files), as downloaded or as written by ``ftkit merge`` into one file;
-* a merged BAGEL folder written in shards (``model-0000i-of-0000n.safetensors`` +
-  ``model.safetensors.index.json``, what ``ftkit merge`` writes above ``--max-shard-size``);
-* an ftkit FoX folder (``config.json`` with ``"model_type": "ftkit-fox"``);
-
-optionally with a trained adapter folder on top (``adapter_config.json``, ``adapter_model.safetensors``,
-``ftkit_adapter.json``). ``ftkit generate`` then runs the plan -> draft -> reflect -> refine loop
-(:func:`ftkit.infer.mcot.run_mcot`) or plain text-to-image per prompt; ``ftkit eval shapes`` scores
+The work is the library's: :func:`ftkit.infer.load.load_for_inference` opens the model folder (+ adapter),
+:func:`ftkit.infer.generate.generate_prompts` runs the plan -> draft -> reflect -> refine loop
+(:func:`ftkit.infer.mcot.run_mcot`) or plain text-to-image per prompt, and ``ftkit eval shapes`` scores
 direct T2I against full MCoT on the shapes-world eval set (:func:`ftkit.infer.evaluate.evaluate_shapes`).
 Output folders are written under a temporary name beside ``--out`` and renamed when complete.
 """
@@ -18,167 +10,16 @@ Output folders are written under a temporary name beside ``--out`` and renamed w
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import torch
-
-from ftkit.models.folders import DTYPES, FOLDER_HELP, FOX_MODEL_TYPE, SHARD_INDEX, detect_model_folder  # noqa: F401
+from ftkit.infer.generate import generate_prompts, read_prompts
+from ftkit.infer.load import check_finite, load_for_inference
 
 log = logging.getLogger("ftkit")
-
-# ============================================================================================ loading
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given.
-
-    Raises:
-        ValueError: a CUDA device is asked for on a machine without one.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine (use --device cpu)")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> bf16 on CUDA, fp32 on CPU; ``"fp32" | "bf16" | "fp16"`` (or a torch dtype) as given.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _adapter_base(adapter: Path) -> tuple[str | None, list[str]]:
-    """(recorded base path, experts the adapter was trained with) from ``ftkit_adapter.json``."""
-    from ftkit.adapters.io import AdapterFolder
-
-    ad = AdapterFolder(adapter)
-    return (ad.meta.get("base") or {}).get("path"), ad.experts
-
-
-def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
-                       dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                       quantize: str | None = None):
-    """Load a model folder (+ an adapter) for generation; returns ``(model, tokenizer)`` in eval mode with
-    every parameter frozen.
-
-    The folder kind is detected (:func:`detect_model_folder`): BAGEL release / merged folder
-    (:func:`ftkit.models.loading.load_bagel`), sharded merged folder (also :func:`~ftkit.models.loading.load_bagel`) or FoX
-    (:func:`ftkit.models.fox.load_fox`). With ``adapter``, the base is loaded the way the adapter was
-    trained (an adapter trained on a three-expert upcycled BAGEL loads the base with ``three_experts``),
-    then :func:`ftkit.adapters.io.load_adapter` attaches it and checks shapes and architecture. The base
-    path recorded in the adapter's ``ftkit_adapter.json`` is compared with ``model_path``: a difference
-    only warns (a copied folder is fine; a merged folder that already contains this adapter would apply
-    it twice).
-
-    Args:
-        model_path: the model folder.
-        adapter: an adapter folder (``ftkit fit`` writes ``runs/<recipe>/<run>/adapter``).
-        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"`` or a torch dtype.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        quantize: ``None``, ``"nf4"`` or ``"int8"``: decoder Linear layers as bitsandbytes layers.
-
-    Raises:
-        FileNotFoundError: model or adapter folder (or a file in them) missing; the message names it.
-        ValueError: unknown dtype / device, quantizing a sharded folder; ``AdapterError`` /
-            ``CheckpointError`` (ValueError subclasses) for an adapter that does not fit or broken weights.
-    """
-    from ftkit.adapters.io import load_adapter
-
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    folder = Path(model_path)
-    kind = detect_model_folder(folder)
-    three_experts = False
-    if adapter is not None:
-        adapter = Path(adapter)
-        recorded, experts = _adapter_base(adapter)
-        three_experts = "_moe_sem" in experts
-        if recorded is not None and Path(recorded).resolve() != folder.resolve():
-            msg = (f"{adapter}: adapter was trained on {recorded}, loading it on {folder.resolve()} (fine for a copy "
-                   "of that base; a merged folder that already contains this adapter would apply it twice)")
-            warnings.warn(msg, stacklevel=2)
-    if kind == "fox":
-        from ftkit.models.fox import load_fox, load_fox_tokenizer
-
-        model = load_fox(folder, dtype=dt, device=dev, quantize=quantize)
-        tokenizer = load_fox_tokenizer(folder, vocab_size=model.cfg.llm.vocab_size)
-    else:  # "bagel" or "bagel-sharded": load_bagel reads ema.safetensors or the shards' index
-        from ftkit.models.loading import load_bagel, load_tokenizer
-
-        # three_experts only upcycles a two-expert folder; a three-expert (merged) folder loads as it is
-        model = load_bagel(folder, dtype=dt, device=dev, quantize=quantize, three_experts=three_experts)
-        tokenizer = load_tokenizer(folder)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    log.info("loaded %s model from %s%s (%s, %s)", kind, folder, f" + adapter {adapter}" if adapter else "", dt, dev)
-    return model, tokenizer
-
-
-# ============================================================================================ prompts
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts of a ``.txt`` file (one per line; blank lines and lines starting with ``#`` skipped) or a
-    ``.jsonl`` file (one JSON object per line with a string field ``"prompt"``).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: another extension, a bad line (names file, line and field), or no prompts at all.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: prompts file not found")
-    ext = p.suffix.lower()
-    if ext not in (".txt", ".jsonl"):
-        raise ValueError(f"{p}: prompts file must be .txt (one prompt per line) or .jsonl (objects with \"prompt\"), "
-                         f"got {ext or 'no extension'!r}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text ({e})") from e
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        s = line.strip()
-        if not s or (ext == ".txt" and s.startswith("#")):
-            continue
-        if ext == ".txt":
-            prompts.append(s)
-            continue
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{p}:{n}: expected a JSON object with a \"prompt\" field, got {type(obj).__name__}")
-        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise ValueError(f"{p}:{n}: field \"prompt\" missing or not a non-empty string")
-        prompts.append(obj["prompt"].strip())
-    if not prompts:
-        raise ValueError(f"{p}: no prompts in the file")
-    return prompts
-
-
-def prompt_stem(i: int, prompt: str, width: int = 40) -> str:
-    """File stem of prompt ``i``: ``0003_a-photo-of-a-red-circle`` (index, then a lower-case slug)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:width].rstrip("-")
-    return f"{i:04d}_{slug}" if slug else f"{i:04d}"
 
 
 # ============================================================================================ shared args
@@ -250,16 +91,6 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def check_finite(model, source) -> None:
-    """Refuse weights with NaN/inf (a diverged adapter would draw black images): names ``source`` and a tensor."""
-    from ftkit.models.loading import CheckpointError
-
-    for n, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise CheckpointError(f"{source}: weight {n} holds non-finite values (NaN/inf); refusing to generate "
-                                  "from a diverged model")
-
-
 def _errors():
     from ftkit.adapters.io import AdapterError
     from ftkit.data.registry import UnknownDatasetError
@@ -301,69 +132,6 @@ def build_generate_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def generate(model, tokenizer, prompts: list[str], out_dir: str | os.PathLike, *, mode: str = "mcot",
-             rounds: int = 2, plan: bool = True, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None,
-             seed: int = 0, progress: bool = True, info: dict | None = None) -> dict:
-    """Generate for every prompt into the (existing, empty or temporary) folder ``out_dir``.
-
-    Prompt ``i`` uses a CPU generator seeded with ``seed + i``. ``mode="mcot"`` runs
-    :func:`~ftkit.infer.mcot.run_mcot`; ``mode="t2i"`` runs :func:`~ftkit.infer.mcot.text_to_image`
-    and records it as a one-round trace without plan or reflection (verdict ``"none"``). Each trace is
-    written by :meth:`~ftkit.infer.mcot.Trace.save` (round PNGs, final PNG, JSON, contact sheet), then
-    ``index.json`` (``info`` + settings + one entry per prompt with its file names, relative to ``out_dir``).
-
-    Returns:
-        the index dict.
-
-    Raises:
-        ValueError: empty ``prompts``, unknown ``mode``, ``rounds < 1`` or an image size the model cannot make.
-    """
-    from tqdm.auto import tqdm
-
-    from ftkit.infer.mcot import Round, SamplerSettings, TextSettings, Trace, run_mcot, text_to_image
-    from ftkit.infer.sampler import latent_grid
-
-    if not prompts:
-        raise ValueError("no prompts")
-    if mode not in ("mcot", "t2i"):
-        raise ValueError(f"mode must be 'mcot' or 't2i', got {mode!r}")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    latent_grid(model, image_hw)  # raises a clear ValueError before any work
-    sampler = sampler or SamplerSettings()
-    text = text or TextSettings()
-    out = Path(out_dir)
-    entries = []
-    t_all = time.perf_counter()
-    for i, prompt in enumerate(tqdm(prompts, desc=f"generate ({mode})", unit="prompt", disable=not progress)):
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed + i)
-        if mode == "mcot":
-            trace = run_mcot(model, tokenizer, prompt, rounds=rounds, image_hw=image_hw, plan=plan, sampler=sampler,
-                             text=text, generator=g)
-        else:
-            image = text_to_image(model, tokenizer, prompt, image_hw=image_hw, sampler=sampler, generator=g)
-            trace = Trace(prompt=prompt, plan_text=None, plan=None, rounds=[Round(image, verdict="none")],
-                          settings={"mode": "t2i", "image_hw": list(image_hw),
-                                    "sampler": {**sampler.kwargs(), "cfg_interval": list(sampler.cfg_interval)}})
-        trace.settings["seed"] = seed + i
-        stem = prompt_stem(i, prompt)
-        paths = trace.save(out, stem)
-        entries.append({"index": i, "prompt": prompt, "stem": stem, "seed": seed + i,
-                        "rounds": [paths[f"round_{k}"].name for k in range(len(trace.rounds))],
-                        "final": paths["final"].name, "trace": paths["json"].name, "sheet": paths["sheet"].name,
-                        "stopped_ok": trace.stopped_ok, "seconds": round(time.perf_counter() - t0, 3)})
-    index = {**(info or {}), "mode": mode, "rounds": rounds if mode == "mcot" else 1, "plan": plan and mode == "mcot",
-             "image_hw": list(image_hw), "seed": seed,
-             "sampler": {**sampler.kwargs(), "cfg_interval": list(sampler.cfg_interval)},
-             "text": {"max_plan_tokens": text.max_plan_tokens, "max_reflect_tokens": text.max_reflect_tokens},
-             "prompts": entries, "seconds": round(time.perf_counter() - t_all, 3)}
-    tmp = out / ".index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "index.json")
-    return index
-
-
 def generate_main(argv: list[str] | None = None) -> int:
     """Entry point of ``ftkit generate``; returns the exit status (0 ok, 1 failed; bad usage exits 2)."""
     a = build_generate_parser().parse_args(argv)
@@ -385,8 +153,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         check_finite(model, a.adapter or a.model)
         try:
             with atomic_dir(out, overwrite=True) as tmp:
-                index = generate(model, tok, prompts, tmp, mode=a.mode, rounds=a.rounds, plan=not a.no_plan,
-                                 image_hw=hw, sampler=sampler, text=text, seed=a.seed, info=info)
+                index = generate_prompts(model, tok, prompts, tmp, mode=a.mode, rounds=a.rounds, plan=not a.no_plan,
+                                         image_hw=hw, sampler=sampler, text=text, seed=a.seed, info=info)
         except OSError as e:
             raise OSError(e.errno, f"{out}: writing the outputs failed ({e.strerror or e}); nothing was written "
                                    "there") from e
@@ -528,6 +296,5 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_eval_parser", "build_generate_parser", "check_out_dir", "detect_model_folder", "eval_main",
-           "generate", "generate_main", "load_detector", "load_for_inference", "prompt_stem",
-           "read_prompts", "resolve_device", "resolve_dtype"]
+__all__ = ["build_eval_parser", "build_generate_parser", "check_out_dir", "eval_main", "generate_main",
+           "load_detector"]

@@ -16,6 +16,12 @@ clean VAE image        ``[<|vision_start|>] VAE tokens [<|vision_end|>]``, full;
                        body semantic/VAE (BAGEL: generation expert), t = 0 embedding
 =====================  ==========================================================  ==================
 
+Blocks are built by the packer's own rules (:func:`~ftkit.data.packer.wrap_text`,
+:func:`~ftkit.data.packer.text_layout`, :func:`~ftkit.data.packer.image_layout`, the functionality table
+:data:`ftkit.segments.DEFAULT_FUNCTIONALITY`) and image tokens by the model's
+:meth:`~ftkit.models.bagel.BagelModel.embed_vit_tokens` / :meth:`~ftkit.models.bagel.BagelModel.embed_vae_tokens`,
+the functions training's :meth:`~ftkit.models.bagel.BagelModel.embed` uses: a layout change is one edit.
+
 Every new block sees the whole cache; text is causal inside itself, an image block is
 bidirectional inside itself. Tensors in the cache are never modified in place: appending builds new
 tensors, so :meth:`Context.copy` is O(layers) and copies share storage safely.
@@ -31,8 +37,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ftkit.data.packer import grid_position_ids, patchify_vit
-from ftkit.segments import TOKEN_TEXT, TOKEN_VAE, TOKEN_VIT, Functionality
+from ftkit.data.builder import pil_to_tensor
+from ftkit.data.packer import (
+    IMAGE_TOKEN_KIND,
+    BlockLayout,
+    PackConfig,
+    image_layout,
+    latent_position_ids,
+    text_layout,
+    vae_grid,
+    vit_patches,
+    wrap_text,
+)
+from ftkit.segments import DEFAULT_FUNCTIONALITY, Kind
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -46,55 +63,73 @@ class Block:
         position_ids: ``[L]`` RoPE positions.
         expert: ``[L]`` expert index per token (from ``model.expert_index``).
         causal: causal attention inside the block (text) or bidirectional (image).
+        advance: how far the block moves the context's RoPE position once appended (the packer's rule).
     """
 
     embeds: torch.Tensor
     position_ids: torch.Tensor
     expert: torch.Tensor
     causal: bool
+    advance: int = 0
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
 
-def _experts(model, funcs: list[int], kinds: list[int]) -> torch.Tensor:
+def pack_config(model) -> PackConfig:
+    """The packer geometry of ``model`` (special-token ids, patch sizes, position-table sides)."""
+    return PackConfig(**model.cfg.pack_config())
+
+
+def layout_block(model, lay: BlockLayout, body: torch.Tensor | None = None) -> Block:
+    """A packer :class:`~ftkit.data.packer.BlockLayout` -> :class:`Block`: its text ids embedded at their
+    offsets, ``body`` [N, D] (image tokens, already LLM-width) at the others, experts from
+    ``model.expert_index(functionality, token_kind)``."""
     dev = model.device
-    return model.expert_index(torch.tensor(funcs, dtype=torch.long, device=dev),
-                              torch.tensor(kinds, dtype=torch.long, device=dev))
+    text = model.language_model.model.embed_tokens(torch.tensor(lay.text_ids, dtype=torch.long, device=dev))
+    if lay.body_offsets:
+        if body is None or body.shape[0] != len(lay.body_offsets):
+            raise ValueError(f"layout has {len(lay.body_offsets)} image tokens, got "
+                             f"{None if body is None else body.shape[0]}")
+        emb = text.new_empty(len(lay), text.shape[1])
+        emb[torch.tensor(lay.text_offsets, device=dev)] = text
+        emb[torch.tensor(lay.body_offsets, device=dev)] = body.to(text.dtype)
+    else:
+        emb = text
+    exp = model.expert_index(torch.tensor(lay.functionality, dtype=torch.long, device=dev),
+                             torch.tensor(lay.token_kind, dtype=torch.long, device=dev))
+    pos = torch.tensor(lay.position_ids, dtype=torch.long, device=dev)
+    return Block(emb, pos, exp, causal=lay.attention == "causal", advance=lay.advance)
 
 
 def text_block(model, ids, position: int) -> Block:
     """Tokens ``ids`` as they are (no bos/eos added), positions ``position ..``, causal, linguistic expert."""
-    dev = model.device
-    ids = torch.as_tensor(ids, dtype=torch.long, device=dev).reshape(-1)
-    if ids.numel() == 0:
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()
+    if not ids:
         raise ValueError("text_block needs at least one token")
     vocab = model.cfg.llm.vocab_size
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"token id outside the vocabulary [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
-    n = ids.numel()
-    emb = model.language_model.model.embed_tokens(ids)
-    pos = torch.arange(position, position + n, device=dev)
-    exp = _experts(model, [int(Functionality.LINGUISTIC)] * n, [TOKEN_TEXT] * n)
-    return Block(emb, pos, exp, causal=True)
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(f"token id outside the vocabulary [0, {vocab}): min {min(ids)}, max {max(ids)}")
+    return layout_block(model, text_layout(ids, position))
 
 
-def image_block(model, body: torch.Tensor, position: int, functionality: int, token_kind: int) -> Block:
-    """``[<|vision_start|>] body [<|vision_end|>]``, every token at ``position``, bidirectional.
+def image_block(model, body: torch.Tensor, position: int, functionality: int, token_kind: int, *,
+                noisy: bool = False) -> Block:
+    """``[<|vision_start|>] body [<|vision_end|>]``, every token at ``position``, bidirectional
+    (:func:`~ftkit.data.packer.image_layout`).
 
     Markers are text tokens (linguistic functionality); ``body`` [N, D] tokens get
     ``(functionality, token_kind)``; experts come from ``model.expert_index``.
     """
-    cfg = model.cfg
-    dev = model.device
-    marks = model.language_model.model.embed_tokens(
-        torch.tensor([cfg.start_of_image, cfg.end_of_image], dtype=torch.long, device=dev))
-    n = body.shape[0]
-    emb = torch.cat([marks[:1], body.to(marks.dtype), marks[1:]])
-    pos = torch.full((n + 2,), position, dtype=torch.long, device=dev)
-    lin = int(Functionality.LINGUISTIC)
-    exp = _experts(model, [lin] + [int(functionality)] * n + [lin], [TOKEN_TEXT] + [token_kind] * n + [TOKEN_TEXT])
-    return Block(emb, pos, exp, causal=False)
+    return layout_block(model, image_layout(pack_config(model), body.shape[0], position, functionality, token_kind,
+                                            noisy=noisy), body)
+
+
+def segment_block(model, kind: Kind, body: torch.Tensor, position: int) -> Block:
+    """:func:`image_block` with the functionality and token kind the packer gives a ``kind`` segment
+    (ViT / clean VAE: semantic; noisy VAE: generative, a query that moves no position)."""
+    return image_block(model, body, position, DEFAULT_FUNCTIONALITY[kind], IMAGE_TOKEN_KIND[kind],
+                       noisy=kind == Kind.VAE_NOISY)
 
 
 @dataclass
@@ -168,18 +203,9 @@ def forward_blocks(model, caches: list[KVCache | None] | MergedCache, blocks: li
 
 
 def image_to_tensor(image, hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL image (resized to ``hw`` = (H, W) with bicubic if given) -> [3, H, W] float32 in [-1, 1]
-    (``x / 255`` then ``(x - 0.5) / 0.5``, the training normalisation). Tensors pass through."""
-    if isinstance(image, torch.Tensor):
-        return image
-    from PIL import Image
-
-    im = image.convert("RGB")
-    if hw is not None and im.size != (hw[1], hw[0]):
-        im = im.resize((hw[1], hw[0]), Image.BICUBIC)
-    w, h = im.size
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
-    return (x.permute(2, 0, 1).to(torch.float32) / 255.0 - 0.5) / 0.5
+    """PIL image (resized to ``hw`` = (H, W) with bicubic if given) -> [3, H, W] float32 in [-1, 1], the
+    training conversion (:func:`ftkit.data.builder.pil_to_tensor`). Tensors pass through."""
+    return image if isinstance(image, torch.Tensor) else pil_to_tensor(image, hw)
 
 
 class Context:
@@ -207,23 +233,21 @@ class Context:
         return Context(self.model, None if self.cache is None else list(self.cache), self.length, self.position)
 
     # ---------------------------------------------------------------- generic
-    def extend(self, block: Block, advance: int) -> torch.Tensor:
-        """Prefill ``block`` over the cache, append its keys/values, move the position by ``advance``.
-        Returns the block's final-normed hidden states [L, D]."""
+    def extend(self, block: Block, advance: int | None = None) -> torch.Tensor:
+        """Prefill ``block`` over the cache, append its keys/values, move the position by ``advance``
+        (default ``block.advance``, the packer's rule). Returns the block's final-normed hidden states [L, D]."""
         with torch.no_grad():
             (hidden,), (cache,) = forward_blocks(self.model, [self.cache], [block], update=True)
         self.cache = cache
         self.length += len(block)
-        self.position += advance
+        self.position += block.advance if advance is None else advance
         return hidden
 
     # ---------------------------------------------------------------- content
     def add_text(self, ids) -> Context:
         """Append ``[<|im_start|>] ids [<|im_end|>]`` (``ids`` without specials); position += len + 2."""
-        cfg = self.model.cfg
         ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-        full = [cfg.bos_id, *ids, cfg.eos_id]
-        self.extend(text_block(self.model, full, self.position), advance=len(full))
+        self.extend(text_block(self.model, wrap_text(pack_config(self.model), ids), self.position))
         return self
 
     def vit_tokens(self, image) -> torch.Tensor:
@@ -237,18 +261,15 @@ class Context:
         if x.shape[1] % p or x.shape[2] % p:
             raise ValueError(f"ViT image {x.shape[1]}x{x.shape[2]} is not a multiple of the patch size {p}; "
                              "resize it first (e.g. image_to_tensor(pil, hw))")
-        gh, gw = x.shape[1] // p, x.shape[2] // p
-        pos = grid_position_ids(gh, gw, model.cfg.vit_max_num_patch_per_side).to(model.device)
-        patches = patchify_vit(x.to(model.device, model.dtype), p)
+        patches, pos = vit_patches(pack_config(model), x)
         with torch.no_grad():
-            feats = model.vit_model(patches, pos, [patches.shape[0]])
-            return model.connector(feats) + model.vit_pos_embed(pos)
+            return model.embed_vit_tokens(patches, pos, [patches.shape[0]])[0]
 
     def add_vit_image(self, image) -> Context:
         """Append an understanding image (``[3, H, W]`` in [-1, 1] or PIL): markers + ViT tokens at one
         position, bidirectional; position += 1."""
         body = self.vit_tokens(image)
-        self.extend(image_block(self.model, body, self.position, int(Functionality.SEMANTIC), TOKEN_VIT), advance=1)
+        self.extend(segment_block(self.model, Kind.VIT_IMAGE, body, self.position))
         return self
 
     def vae_latent(self, image, posterior: str = "sample", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -260,9 +281,7 @@ class Context:
         x = image_to_tensor(image)
         if x.dim() != 3 or x.shape[0] != 3:
             raise ValueError(f"VAE image must be [3, H, W], got {tuple(x.shape)}")
-        s = model.cfg.vae_stride
-        if x.shape[1] % s or x.shape[2] % s:
-            raise ValueError(f"VAE image {x.shape[1]}x{x.shape[2]} is not a multiple of {s}")
+        vae_grid(pack_config(model), x)  # H, W multiples of the VAE stride
         xb = x[None].to(model.device)
         with torch.no_grad():
             if posterior == "sample":
@@ -295,7 +314,7 @@ class Context:
         tokens = model.patchify(latent.to(model.device, torch.float32))
         with torch.no_grad():
             body = vae_token_embeds(model, tokens, torch.zeros(tokens.shape[0], device=model.device), (gh, gw))
-        self.extend(image_block(model, body, self.position, int(Functionality.SEMANTIC), TOKEN_VAE), advance=1)
+        self.extend(segment_block(model, Kind.VAE_CLEAN, body, self.position))
         return self
 
     def add_image(self, image, *, vae: bool = True, vit: bool = True, vae_hw: tuple[int, int] | None = None,
@@ -315,7 +334,8 @@ class Context:
 
 
 def vae_token_embeds(model, x: torch.Tensor, t: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """LLM input of VAE tokens: ``vae2llm(x) + time_embedder(t) + latent_pos_embed[pos]``.
+    """LLM input of VAE tokens on a grid: :meth:`~ftkit.models.bagel.BagelModel.embed_vae_tokens` at the
+    packer's latent positions (:func:`~ftkit.data.packer.latent_position_ids`).
 
     Args:
         x: ``[h*w, p*p*C]`` latent patch tokens (raster order).
@@ -325,8 +345,7 @@ def vae_token_embeds(model, x: torch.Tensor, t: torch.Tensor, grid_hw: tuple[int
     gh, gw = grid_hw
     if x.shape[0] != gh * gw:
         raise ValueError(f"{x.shape[0]} latent tokens do not fill a {gh}x{gw} grid")
-    pos = grid_position_ids(gh, gw, model.cfg.max_latent_size).to(model.device)
-    return model.vae2llm(x.to(model.dtype)) + model.time_embedder(t) + model.latent_pos_embed(pos)
+    return model.embed_vae_tokens(x, t, latent_position_ids(pack_config(model), (gh, gw)))[0]
 
 
 def prefill_texts(contexts: list[Context], ids_list: list[list[int]]) -> list[Context]:
@@ -337,13 +356,12 @@ def prefill_texts(contexts: list[Context], ids_list: list[list[int]]) -> list[Co
     if not contexts:
         return contexts
     model = contexts[0].model
-    cfg = model.cfg
-    fulls = [[cfg.bos_id, *[int(i) for i in ids], cfg.eos_id] for ids in ids_list]
-    blocks = [text_block(model, f, c.position) for c, f in zip(contexts, fulls)]
+    pc = pack_config(model)
+    blocks = [text_block(model, wrap_text(pc, [int(i) for i in ids]), c.position) for c, ids in zip(contexts, ids_list)]
     with torch.no_grad():
         _, caches = forward_blocks(model, [c.cache for c in contexts], blocks, update=True)
-    for c, f, kv in zip(contexts, fulls, caches):
-        c.cache, c.length, c.position = kv, c.length + len(f), c.position + len(f)
+    for c, b, kv in zip(contexts, blocks, caches):
+        c.cache, c.length, c.position = kv, c.length + len(b), c.position + b.advance
     return contexts
 
 
@@ -379,5 +397,6 @@ class GuidanceContexts:
         return self
 
 
-__all__ = ["Block", "Context", "GuidanceContexts", "KVCache", "MergedCache", "forward_blocks", "merge_caches", "prefill_texts", "image_block", "image_to_tensor",
+__all__ = ["Block", "Context", "GuidanceContexts", "KVCache", "MergedCache", "forward_blocks", "image_block",
+           "image_to_tensor", "layout_block", "merge_caches", "pack_config", "prefill_texts", "segment_block",
            "text_block", "vae_token_embeds"]

@@ -196,7 +196,7 @@ def evaluate_shapes(model, tokenizer, records: Sequence, *, detector: Detector |
     """Score direct T2I and full MCoT on eval records by GenEval's rules (see the module docstring).
 
     Args:
-        model, tokenizer: from :func:`ftkit.infer.cli.load_for_inference` (base, + adapter, or merged).
+        model, tokenizer: from :func:`ftkit.infer.load.load_for_inference` (base, + adapter, or merged).
         records: :class:`~ftkit.data.schema.StepRecord` s or dicts with ``prompt``, ``meta`` (GenEval
             metadata with ``tag``) and optionally ``id`` -- e.g. ``load_records("shapes-eval")``.
         detector: a :class:`ftkit.data.geneval.Detector` (default: the shapes-world colour detector).

@@ -44,13 +44,13 @@ from ftkit.infer.context import (
     Context,
     MergedCache,
     forward_blocks,
-    image_block,
     merge_caches,
+    segment_block,
     text_block,
     vae_token_embeds,
 )
 from ftkit.models.bagel import timestep_schedule
-from ftkit.segments import TOKEN_VAE, Functionality
+from ftkit.segments import Kind
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
@@ -74,7 +74,7 @@ def _flow_block(ctx: Context, x_t: torch.Tensor, t: torch.Tensor, grid: tuple[in
     model = ctx.model
     tt = t.reshape(1).to(model.device, torch.float32).expand(x_t.shape[0])
     body = vae_token_embeds(model, x_t.to(model.device), tt, grid)
-    return image_block(model, body, ctx.position, int(Functionality.GENERATIVE), TOKEN_VAE)
+    return segment_block(model, Kind.VAE_NOISY, body, ctx.position)
 
 
 @torch.no_grad()

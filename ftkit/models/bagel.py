@@ -120,11 +120,41 @@ class BagelModel(nn.Module):
             out.append(lm.lm_head(hidden))
         return torch.stack(out)
 
-    # ------------------------------------------------------------------ embedding of a packed batch
-    def encode_vit(self, batch: PackedBatch) -> torch.Tensor:
+    # ------------------------------------------------------------------ image tokens -> LLM input
+    def embed_vit_tokens(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LLM input of ViT tokens, the one rule of training (:meth:`embed`) and inference
+        (``ftkit.infer.context``): ``connector(vit(patches)) + vit_pos_embed[position_ids]``.
+
+        Args:
+            patches: ``[N, p*p*3]`` patchified pixels of one or more images (``seqlens`` tokens each).
+            position_ids: ``[N]`` rows of the ViT position table (``row * max_patches_per_side + col``).
+            seqlens: tokens per image (the ViT attends within each image only).
+
+        Returns:
+            (LLM input ``[N, D]``, the ViT's last hidden states, the connector's output).
+        """
         dev = self.device
-        feats = self.vit_model(batch.vit_tokens.to(dev, self.dtype), batch.vit_position_ids.to(dev), batch.vit_seqlens)
-        return feats
+        pos = position_ids.to(dev)
+        feats = self.vit_model(patches.to(dev, self.dtype), pos, seqlens)
+        conn = self.connector(feats)
+        return conn + self.vit_pos_embed(pos), feats, conn
+
+    def embed_vae_tokens(self, x: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM input of VAE tokens, the one rule of training (:meth:`embed`) and inference
+        (``ftkit.infer.context``): ``vae2llm(x) + time_embedder(t) + latent_pos_embed[position_ids]``.
+
+        Args:
+            x: ``[N, p*p*C]`` latent patch tokens (x_t; a clean context image is x0 with t = 0).
+            t: ``[N]`` timesteps in [0, 1] (0 = clean), fed to the embedder as they are.
+            position_ids: ``[N]`` rows of the latent position table (``row * max_latent_size + col``).
+
+        Returns:
+            (LLM input ``[N, D]``, the timestep embeddings ``[N, D]``).
+        """
+        temb = self.time_embedder(t)
+        return self.vae2llm(x.to(self.dtype)) + temb + self.latent_pos_embed(position_ids.to(self.device)), temb
 
     def enable_vae_cache(self, max_items: int) -> None:
         """Cache the frozen encoder's posterior moments (mean, logvar) of up to ``max_items`` images.
@@ -211,12 +241,8 @@ class BagelModel(nn.Module):
         text = self.language_model.model.embed_tokens(batch.text_ids.to(dev))
         seq = seq.index_put((batch.text_indexes.to(dev),), text.to(dt))
         if batch.vit_tokens.shape[0]:
-            feats = self.encode_vit(batch)
-            ex["vit_last_hidden"] = feats
-            conn = self.connector(feats)
-            ex["vit_features_after_connector"] = conn
-            vit_in = conn + self.vit_pos_embed(batch.vit_position_ids.to(dev))
-            ex["vit_tokens_into_llm"] = vit_in
+            vit_in, feats, conn = self.embed_vit_tokens(batch.vit_tokens, batch.vit_position_ids, batch.vit_seqlens)
+            ex.update(vit_last_hidden=feats, vit_features_after_connector=conn, vit_tokens_into_llm=vit_in)
             seq = seq.index_put((batch.vit_token_indexes.to(dev),), vit_in.to(dt))
         if batch.vae_images:
             shift = self.cfg.timestep_shift if timestep_shift is None else timestep_shift
@@ -232,8 +258,7 @@ class BagelModel(nn.Module):
                 flow_noise = torch.randn(clean.shape, generator=generator).to(dev)
             noise = flow_noise.to(dev, torch.float32)
             x_t = (1 - t_tok[:, None]) * clean + t_tok[:, None] * noise
-            temb = self.time_embedder(t_tok)
-            vae_in = self.vae2llm(x_t.to(dt)) + temb + self.latent_pos_embed(batch.vae_position_ids.to(dev))
+            vae_in, temb = self.embed_vae_tokens(x_t, t_tok, batch.vae_position_ids)
             seq = seq.index_put((batch.vae_token_indexes.to(dev),), vae_in.to(dt))
             ex.update(packed_latent_clean=clean, packed_noisy_latent=x_t, packed_timesteps=t_tok, flow_noise=noise,
                       timestep_embeds=temb, vae_tokens_into_llm=vae_in, vae_timesteps_per_image=t_img)

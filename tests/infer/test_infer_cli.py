@@ -14,9 +14,12 @@ import yaml
 from PIL import Image
 
 from ftkit.data.geneval import GENEVAL_TAGS, Detection, Detector
-from ftkit.infer.cli import detect_model_folder, eval_main, generate_main, load_for_inference, read_prompts
+from ftkit.infer.cli import eval_main, generate_main
 from ftkit.infer.evaluate import balanced_subset, category_scores, evaluate_shapes, results_table
+from ftkit.infer.generate import read_prompts
+from ftkit.infer.load import load_for_inference
 from ftkit.infer.mcot import SamplerSettings, TextSettings
+from ftkit.models.folders import detect_model_folder
 from ftkit.train.recipe import REPO_ROOT
 
 PY = sys.executable
