@@ -40,6 +40,7 @@ from ftkit.adapters.attach import (
 )
 from ftkit.adapters.config import AdapterConfig, AdapterConfigError, model_experts
 from ftkit.errors import FtkitError
+from ftkit.models.release import file_sha256
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,17 +53,6 @@ FORMAT_VERSION = 1
 
 class AdapterError(FtkitError, ValueError):
     """An adapter folder that is unreadable or does not belong to the given base model."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ftkit_version() -> str:

@@ -50,7 +50,6 @@ shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -539,19 +538,9 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "records.jsonl"
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: not a JSON object")
-            out.append(rec)
-    return out
+    from ftkit.data.importers import json_objects
+
+    return [rec for _, rec in json_objects(path)]
 
 
 def format_table(scores: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> str:

@@ -283,6 +283,24 @@ def _lines(file: Path) -> Iterator[tuple[int, int, bytes]]:
                 yield n, start, line.rstrip(b"\r\n")
 
 
+def json_objects(file: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of a JSON-lines file (a UTF-8 BOM is accepted).
+
+    Raises:
+        ValueError: ``file:N: ...`` for a line that is not UTF-8, not JSON or not a JSON object.
+    """
+    for n, _, data in _lines(Path(file)):
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{file}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{n}: not JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{file}:{n}: not a JSON object")
+        yield n, obj
+
+
 class _JsonLinesSource(Source):
     """One JSON document per line (``index``: ``line N``). Map-style keeps only each line's number,
     offset and length, and reads a line on access."""

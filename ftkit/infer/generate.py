@@ -32,27 +32,20 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if ext not in (".txt", ".jsonl"):
         raise ValueError(f"{p}: prompts file must be .txt (one prompt per line) or .jsonl (objects with \"prompt\"), "
                          f"got {ext or 'no extension'!r}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text ({e})") from e
     prompts = []
-    for n, line in enumerate(lines, 1):
-        s = line.strip()
-        if not s or (ext == ".txt" and s.startswith("#")):
-            continue
-        if ext == ".txt":
-            prompts.append(s)
-            continue
+    if ext == ".jsonl":
+        from ftkit.data.importers import json_objects
+
+        for n, obj in json_objects(p):
+            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise ValueError(f"{p}:{n}: field \"prompt\" missing or not a non-empty string")
+            prompts.append(obj["prompt"].strip())
+    else:
         try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{p}:{n}: expected a JSON object with a \"prompt\" field, got {type(obj).__name__}")
-        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise ValueError(f"{p}:{n}: field \"prompt\" missing or not a non-empty string")
-        prompts.append(obj["prompt"].strip())
+            lines = p.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e})") from e
+        prompts = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
     if not prompts:
         raise ValueError(f"{p}: no prompts in the file")
     return prompts

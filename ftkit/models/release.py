@@ -9,6 +9,7 @@ is written into a temporary sibling folder and renamed into place when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -106,13 +107,22 @@ class atomic_dir:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self.tmp, self.out)
-            _fsync_dir(self.out.parent)
+            fsync_dir(self.out.parent)
             return False
         finally:
             self._release()
 
 
-def _fsync_dir(path: Path) -> None:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -125,7 +135,7 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file() and not p.is_symlink():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def take_pid_lock(lock: Path, busy: Callable[[int], str]) -> None:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import os
@@ -30,6 +29,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ftkit.errors import FtkitError
+from ftkit.models.release import file_sha256, fsync_dir, pid_alive
 
 log = logging.getLogger("ftkit")
 TMP_MARK = ".tmp-"
@@ -37,14 +37,6 @@ TMP_MARK = ".tmp-"
 
 class CheckpointError(FtkitError):
     """A checkpoint that cannot be trusted (truncated, corrupt, checksum mismatch) or cannot be written."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str | Path, write, before_rename=None) -> str:
@@ -63,25 +55,15 @@ def atomic_write(path: str | Path, write, before_rename=None) -> str:
         if before_rename is not None:
             before_rename(digest)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return digest
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete temporary files a killed writer left in ``folder`` (``.<name>.tmp-<pid>`` of dead pids)."""
-    from ftkit.models.release import pid_alive
-
     gone = []
     folder = Path(folder)
     if not folder.is_dir():
