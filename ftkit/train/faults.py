@@ -156,7 +156,8 @@ def _step_of(path: Path) -> int:
 
 def find_resumable(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint in ``ckpt_dir`` that verifies (``last.ckpt`` first, then by step and time),
-    and one line per checkpoint skipped on the way."""
+    and one line per checkpoint skipped on the way. A skipped file is renamed ``<name>.corrupt`` (kept
+    for inspection; Lightning would otherwise write ``last-v1.ckpt`` beside a broken ``last.ckpt``)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None, []
@@ -167,7 +168,11 @@ def find_resumable(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
         try:
             verify_checkpoint(p)
         except CheckpointError as e:
-            skipped.append(f"skipped {e}")
+            bad = p.with_name(p.name + ".corrupt")
+            os.replace(p, bad)
+            if _sidecar(p).is_file():
+                os.replace(_sidecar(p), _sidecar(bad))
+            skipped.append(f"skipped {e} (kept as {bad.name})")
             continue
         return p, skipped
     return None, skipped

@@ -140,8 +140,10 @@ def test_truncated_last_falls_back_and_corrupt_is_named(tiny_env, tmp_path):
     found, skipped = find_resumable(ck)
     assert found is not None and found.name != "last.ckpt" and "step=" in found.name
     assert len(skipped) == 1 and "last.ckpt" in skipped[0] and "truncated or corrupt" in skipped[0]
+    assert (ck / "last.ckpt.corrupt").is_file() and not last.exists()  # kept aside, named
     r = run_fit(recipe, "--ckpt_path", "last", "--trainer.max_steps", "6")
-    assert "last.ckpt" in r.stderr and "skipped" in r.stderr and f"resuming from {found}" in r.stderr
+    assert f"resuming from {found}" in r.stderr
+    assert (ck / "last.ckpt").is_file() and not list(ck.glob("last-v*.ckpt"))  # a fresh last.ckpt, no last-v1
     # a corrupt file passed by name: one line naming it, exit 2 (not KeyError: 'pytorch-lightning_version')
     bad = tmp_path / "bad.ckpt"
     torch.save({"not": "a checkpoint"}, bad)
