@@ -340,6 +340,15 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 
 
 @torch.no_grad()
+def _check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = False, temperature: float = 1.0,
                   top_p: float = 1.0, generator: torch.Generator | None = None, start_id: int | None = None,
                   end_id: int | None = None, return_logits: bool = False) -> GeneratedText:
@@ -351,12 +360,7 @@ def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = 
     Raises:
         ValueError: ``max_new_tokens < 1``, ``temperature <= 0`` when sampling, ``top_p`` outside (0, 1].
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _check_decoding(max_new_tokens, do_sample, temperature, top_p)
     model = ctx.model
     start = model.cfg.bos_id if start_id is None else start_id
     end = model.cfg.eos_id if end_id is None else end_id
@@ -388,12 +392,7 @@ def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do
     summation order. ``generators[i]`` samples context i."""
     if not contexts:
         return []
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _check_decoding(max_new_tokens, do_sample, temperature, top_p)
     gens = list(generators) if generators is not None else [None] * len(contexts)
     if len(gens) != len(contexts):
         raise ValueError(f"{len(gens)} generators for {len(contexts)} contexts")
