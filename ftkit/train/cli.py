@@ -2,35 +2,22 @@
 
     ftkit fit --config recipes/tiny-mcot.yaml [--trainer.max_steps 20 ...] [--ckpt_path last]
 
-Every run writes ``runs/<recipe>/<run-id>/``: ``run.json`` (recipe, resolved config, base model,
-adapter path, git commit), ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``checkpoints/``,
-``adapter/``, ``samples/``; ``runs/<recipe>/latest`` points at the newest run.
+Every run writes a run folder (:mod:`ftkit.train.run`); faults it survives: :mod:`ftkit.train.faults`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from ftkit.train.recipe import REPO_ROOT, compose, find_recipe, split_ftkit
+from ftkit.train.recipe import compose, find_recipe, split_ftkit
 
 log = logging.getLogger("ftkit")
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _setup_logging() -> None:
@@ -97,39 +84,17 @@ def fit_main(argv: list[str]) -> int:
     if path is not None:  # the command line wins over the recipe, for the weights check too
         lcfg.setdefault("model", {})["model_path"] = path
     check_weights(lcfg, recipe)
+    from ftkit.train.run import open_run, run_folder
+
     run_root = Path(ns.run_root or fcfg.get("run_root") or "runs") / recipe
-    from ftkit.train.faults import RunLock, find_resumable, remove_stale_temps
-
-    ckpt = None
-    if ns.ckpt_path == "last":
-        run_dir = (run_root / "latest").resolve()
-        found, skipped = find_resumable(run_dir / "checkpoints")
-        for line in skipped:
-            log.warning("resume: %s", line)
-        if found is None:
-            raise SystemExit(f"--ckpt_path last: no valid checkpoint in {run_dir / 'checkpoints'} to resume from")
-        ckpt = str(found)
-        log.info("resuming from %s", found)
-    else:
-        # ranks started by a launcher (Lightning's DDP subprocesses, torchrun) inherit the first one's folder
-        run_id = ns.run_id or os.environ.get("FTKIT_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
-        os.environ["FTKIT_RUN_ID"] = run_id
-        run_dir = (run_root / run_id).resolve()
-        ckpt = ns.ckpt_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
-        return _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root, run_dir, ckpt)  # rank 0 holds the lock
-    try:
-        with RunLock(run_dir):
-            remove_stale_temps(run_dir)
-            remove_stale_temps(run_dir / "checkpoints")
-            return _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root, run_dir, ckpt)
-    finally:
-        os.environ.pop("FTKIT_RUN_ID", None)
+    run_dir, ckpt = open_run(run_root, ns.run_id, ns.ckpt_path)
+    with run_folder(run_dir):
+        return _fit(rest, recipe, recipe_path, lcfg, fcfg, run_root, run_dir, ckpt)
 
 
-def _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, ckpt: str | None) -> int:
+def _fit(rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, ckpt: str | None) -> int:
     from ftkit.train.faults import AtomicCheckpointIO, MetricsBeforeCheckpoint, RunCSVLogger, atomic_write
+    from ftkit.train.run import git_commit, point_latest, summary, write_json
 
     cfg_file = run_dir / "config.yaml"
     atomic_write(cfg_file, lambda fh: fh.write(yaml.safe_dump(lcfg, sort_keys=False).encode()))
@@ -159,33 +124,20 @@ def _fit(ns, rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Pat
     if cli.model.hparams.get("tiny") is None and not Path(model_path).exists():
         check_weights({"model": {"model_path": model_path, "backbone": cli.model.hparams.backbone}}, recipe)
     run_info = {"recipe": recipe, "recipe_file": str(recipe_path), "run_dir": str(run_dir),
-                "base_model": str(model_path), "adapter": str(run_dir / "adapter"), "git_commit": _git_commit(),
+                "base_model": str(model_path), "adapter": str(run_dir / "adapter"), "git_commit": git_commit(),
                 "command": [sys.argv[0], *sys.argv[1:]], "resumed_from": ckpt,
                 "config": yaml.safe_load(cfg_file.read_text()), "overrides": rest,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if cli.trainer.is_global_zero:
         write_json(run_dir / "run.json", run_info)
-        latest = run_root / "latest"
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        os.symlink(run_dir.name, latest)
+        point_latest(run_root, run_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     if cli.trainer.is_global_zero:
         run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         run_info["global_step"] = cli.trainer.global_step
         write_json(run_dir / "run.json", run_info)
-        print(f"\nrun finished: {run_dir}")
-        for what, p in (("run.json", run_dir / "run.json"), ("metrics", run_dir / "metrics.csv"),
-                        ("adapter", run_dir / "adapter"), ("samples", run_dir / "samples"),
-                        ("checkpoints", run_dir / "checkpoints"), ("tensorboard", run_dir / "tb")):
-            print(f"  {what:<12} {p}{'' if p.exists() else '  (not written)'}")
+        print(summary(run_dir))
     return 0
-
-
-def write_json(path: Path, obj: dict) -> None:
-    from ftkit.train.faults import atomic_write
-
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def _model_cls():
