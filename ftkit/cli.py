@@ -9,6 +9,8 @@ import sys
 # verb -> (module, function taking argv list, one-line help)
 VERBS: dict[str, tuple[str, str, str]] = {
     "fit": ("ftkit.train.cli", "fit_main", "train with a recipe (LightningCLI): ftkit fit --config recipes/NAME.yaml"),
+    "pretrain-ae": ("ftkit.train.pretrain_ae", "main", "train the shapes-world tiny autoencoder (resumable)"),
+    "pretrain-export": ("ftkit.train.pretrain", "export_main", "full-fine-tuning checkpoint -> release folder"),
     "estimate": ("ftkit.train.cli", "estimate_main", "pre-flight memory estimate of a recipe"),
     "data": ("ftkit.data.cli", "main", "validate, preview, generate (shapes) and list datasets"),
     "merge": ("ftkit.adapters.cli", "merge_main", "merge adapters into a release checkpoint"),

@@ -158,7 +158,8 @@ class MCoTDataModule(L.LightningDataModule):
         num_workers: dataloader worker processes.
         seed: data seed (packing order, dropout, timesteps).
         generate_shapes: ``{out, n, seed, size}``: generate the shapes-world set at ``out`` in
-            ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone).
+            ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone); with
+            ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain`.
     """
 
     def __init__(
@@ -199,7 +200,12 @@ class MCoTDataModule(L.LightningDataModule):
     # -------------------------------------------------------------- set-up
     def prepare_data(self) -> None:
         gs = self.generate_shapes
-        if gs and not (Path(gs["out"]) / "records.jsonl").is_file():
+        if gs and gs.get("pretrain") and not (Path(gs["out"]) / "records.jsonl").is_file():
+            from ftkit.data.pretrain import generate_pretrain
+
+            log.info("generating shapes-world pretraining data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs["seed"])
+            generate_pretrain(gs["out"], gs["n"], seed=gs["seed"], size=gs.get("size", 64))
+        elif gs and not (Path(gs["out"]) / "records.jsonl").is_file():
             from ftkit.data.shapes import generate
 
             log.info("generating shapes-world data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs.get("seed", 0))

@@ -79,13 +79,17 @@ class TinyBackbone:
     vit_max: int = 8
     ae_ch: int = 32
     seed: int = 0
+    ae: str | None = None
 
 
 def ensure_tiny_bagel(path: str | Path, *, corpus: str, vocab_size: int = 1024, hidden: int = 128, layers: int = 4,
                       heads: int = 4, kv_heads: int = 2, intermediate: int = 256, vit_hidden: int = 64,
                       vit_layers: int = 2, vit_heads: int = 2, vit_intermediate: int = 128, max_latent_size: int = 4,
-                      vit_max: int = 8, ae_ch: int = 32, seed: int = 0) -> Path:
-    """Build (once) a tiny random BAGEL with a tokenizer trained on ``corpus`` and save it at ``path``."""
+                      vit_max: int = 8, ae_ch: int = 32, seed: int = 0, ae: str | None = None) -> Path:
+    """Build (once) a tiny random BAGEL with a tokenizer trained on ``corpus`` and save it at ``path``.
+
+    ``ae``: a folder with a trained ``ae.safetensors`` + ``ae_config.json`` (``ftkit pretrain-ae``) used
+    instead of a random autoencoder of width ``ae_ch``; its stride must tile ``max_latent_size`` patches."""
     from ftkit.models.loading import special_token_ids
     from ftkit.models.release import build_random_bagel, save_bagel, tiny_ae_config, tiny_bagel_config
 
@@ -102,5 +106,11 @@ def ensure_tiny_bagel(path: str | Path, *, corpus: str, vocab_size: int = 1024, 
                             vit_heads=vit_heads, vit_intermediate=vit_intermediate, max_latent_size=max_latent_size,
                             vit_max=vit_max, special_ids=special_token_ids(tok))
     model = build_random_bagel(cfg, tiny_ae_config(ch=ae_ch), seed=seed)
+    if ae is not None:
+        from ftkit.models.vae import AEConfig, load_ae
+
+        ae_cfg = AEConfig.from_json(Path(ae) / "ae_config.json")
+        model.vae = load_ae(Path(ae) / "ae.safetensors", ae_cfg)
+        cfg.vae_downsample = ae_cfg.downsample
     save_bagel(model, path, tokenizer=tok, dtype=torch.float32, overwrite=False)
     return path

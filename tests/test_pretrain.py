@@ -1,0 +1,89 @@
+"""Tiny-backbone pretraining: the autoencoder run resumes and exports; pretraining records validate; the
+tiny-pretrain recipe (full fine-tuning) runs, resumes with --ckpt_path last and exports a release folder."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftkit.errors import FtkitError
+from ftkit.train.pretrain_ae import AERecipe, export, load_run, train
+from ftkit.train.recipe import REPO_ROOT
+
+PY = sys.executable
+AE = AERecipe(size=32, ch=32, ch_mult=(1, 2, 2), batch=2)
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae") / "run"
+    assert train(run, AE, minutes=5, max_steps=2)["step"] == 2
+    return run
+
+
+def test_ae_run_resumes_refuses_other_recipe_and_exports(ae_run, tmp_path):
+    before = torch.load(ae_run / "state.pt", weights_only=False)["model"]
+    assert train(ae_run, AE, minutes=5, max_steps=3)["step"] == 3  # continues at step 2, one more step
+    after = torch.load(ae_run / "state.pt", weights_only=False)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(FtkitError, match="recipe differs"):
+        train(ae_run, AERecipe(size=32, ch=32, ch_mult=(1, 2), batch=2), minutes=1, max_steps=4)
+
+    from ftkit.models.vae import AEConfig, load_ae
+
+    out = export(ae_run, tmp_path / "ae")
+    cfg = AEConfig.from_json(out / "ae_config.json")
+    assert cfg.downsample == 4 and cfg.scale_factor > 0
+    ae = load_ae(out / "ae.safetensors", cfg)
+    ref = load_run(ae_run)[0]
+    z = torch.randn(1, 16, 8, 8)
+    torch.testing.assert_close(ae.decode(z), ref.decode(z))
+    assert ae.encode_mean(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 8, 8)
+
+
+def test_pretrain_records_validate(tmp_path):
+    from ftkit.data.dataset import load_records
+    from ftkit.data.pretrain import DESCRIBE, generate_pretrain
+
+    recs = list(load_records(str(generate_pretrain(tmp_path / "p", 6, size=32) / "records.jsonl")))
+    assert [r.task for r in recs] == ["t2i", "t2i", "edit"] * 2
+    assert [s.type for s in recs[0].steps] == ["draft"] and recs[0].input_image is None
+    assert recs[2].prompt == DESCRIBE and recs[2].input_image.exists() and recs[2].steps[0].boxes
+
+
+@pytest.mark.slow
+def test_tiny_pretrain_recipe_fits_resumes_and_exports(ae_run, tmp_path):
+    from ftkit.data.pretrain import generate_pretrain
+    from ftkit.data.shapes import generate
+    from ftkit.train.pretrain import export_release
+    from ftkit.train.tiny import ensure_tiny_bagel
+
+    export(ae_run, tmp_path / "ae")
+    generate(tmp_path / "corpus", 12, seed=0, size=32, progress=False)
+    data = generate_pretrain(tmp_path / "data", 9, size=32)
+    init = ensure_tiny_bagel(tmp_path / "init", corpus=str(tmp_path / "corpus/records.jsonl"), vocab_size=512, hidden=32,
+                             layers=2, heads=2, kv_heads=1, intermediate=64, vit_hidden=32, vit_layers=1, vit_heads=2,
+                             vit_intermediate=64, max_latent_size=4, ae=str(tmp_path / "ae"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [PY, "-m", "ftkit.cli", "fit", "--config", "recipes/tiny-pretrain.yaml", "--run_root", str(tmp_path / "runs"),
+            "--model.model_path", str(init), "--data.datasets", f"[{data}/records.jsonl]", "--data.generate_shapes",
+            "null", "--data.vae_image_size", "32", "--data.vit_image_size", "28", "--data.token_budget", "400",
+            "--trainer.enable_progress_bar", "false"]
+    for steps, extra in ((2, []), (3, ["--ckpt_path", "last"])):
+        r = subprocess.run([*args, "--trainer.max_steps", str(steps), *extra], capture_output=True, text=True, env=env,
+                           cwd=REPO_ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+    ckpt = tmp_path / "runs/tiny-pretrain/latest/checkpoints/last.ckpt"
+    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert st["global_step"] == 3
+    out = export_release(ckpt, tmp_path / "release")
+    ema = load_file(str(out / "ema.safetensors"))
+    init_ema = load_file(str(Path(init) / "ema.safetensors"))
+    key = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
+    torch.testing.assert_close(ema[key], st["state_dict"][f"model.{key}"])
+    assert not torch.equal(ema[key], init_ema[key])
+    assert (out / "ae_config.json").read_text() == (tmp_path / "ae/ae_config.json").read_text()
