@@ -21,7 +21,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: ftkit VERB [options]   (ftkit VERB --help for details; ftkit --version)", "", "verbs:"]
-    lines += [f"  {v:<9} {h}" for v, (_, _, h) in VERBS.items()]
+    width = max(map(len, VERBS))
+    lines += [f"  {v:<{width}}  {h}" for v, (_, _, h) in VERBS.items()]
     return "\n".join(lines)
 
 
