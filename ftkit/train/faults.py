@@ -39,10 +39,11 @@ class CheckpointError(FtkitError):
     """A checkpoint that cannot be trusted (truncated, corrupt, checksum mismatch) or cannot be written."""
 
 
-def atomic_write(path: str | Path, write, before_rename=None) -> str:
-    """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``; returns the sha256
-    of the bytes written (``before_rename(sha256)`` runs just before the rename). On any error the
-    temporary file is removed and ``path`` is untouched."""
+def atomic_write(path: str | Path, write, before_rename=None) -> str | None:
+    """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``. With
+    ``before_rename``, the sha256 of the bytes written is computed, passed to ``before_rename(sha256)`` just
+    before the rename and returned (else None). On any error the temporary file is removed and ``path`` is
+    untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
@@ -51,8 +52,9 @@ def atomic_write(path: str | Path, write, before_rename=None) -> str:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        digest = file_sha256(tmp)
+        digest = None
         if before_rename is not None:
+            digest = file_sha256(tmp)
             before_rename(digest)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -84,17 +86,23 @@ def verify_checkpoint(path: str | Path) -> None:
     """Raise :class:`CheckpointError` naming ``path`` unless its bytes match its sha256 sidecar (or, for
     a checkpoint without a sidecar, unless it loads)."""
     path = Path(path)
+    if not _matches_sidecar(path):
+        _load(path, map_location="cpu")
+
+
+def _matches_sidecar(path: Path) -> bool:
+    """True when ``path`` matches its sha256 sidecar, False when it has none; raises on a mismatch."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     side = _sidecar(path)
-    if side.is_file():
-        want = [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
-        got = file_sha256(path)
-        if got not in want:
-            raise CheckpointError(f"{path}: sha256 {got[:12]}... does not match {side.name}: "
-                                  "the file is truncated or corrupt")
-        return
-    _load(path, map_location="cpu")
+    if not side.is_file():
+        return False
+    want = [line.split()[0] for line in side.read_text().splitlines() if line.strip()]
+    got = file_sha256(path)
+    if got not in want:
+        raise CheckpointError(f"{path}: sha256 {got[:12]}... does not match {side.name}: "
+                              "the file is truncated or corrupt")
+    return True
 
 
 def _load(path: Path, map_location=None) -> dict:
@@ -134,7 +142,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         path = Path(path)
-        verify_checkpoint(path)
+        _matches_sidecar(path)  # a checkpoint without a sidecar is read once, by _load's own checks
         return _load(path, map_location)
 
     def remove_checkpoint(self, path) -> None:
