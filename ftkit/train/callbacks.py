@@ -1,4 +1,4 @@
-"""Callbacks of ftkit runs: adapter export at the end, MCoT sample grids every N steps."""
+"""Callbacks of ftkit runs: adapter export at the end, MCoT sample grids every N steps, an EMA of the weights."""
 
 from __future__ import annotations
 
@@ -104,6 +104,63 @@ class MCoTSamples(L.Callback):
                 exp.add_image("mcot_samples", np.asarray(grid).transpose(2, 0, 1), step)
         (self.out / "latest.json").write_text(json.dumps({"step": step, "png": path.name}))
         return path
+
+
+class WeightEMA(L.Callback):
+    r"""Exponential moving average of the trainable weights (what a diffusion model samples with).
+
+    After optimizer step :math:`n` (1-based), with :math:`w` the trained weights and :math:`\bar w` the average:
+
+    .. math::  \bar w \leftarrow \beta_n \bar w + (1 - \beta_n)\, w, \qquad
+               \beta_n = \min\big(\beta, \tfrac{1 + n}{10 + n}\big)
+
+    (the warm-up keeps early averages from remembering the initial weights). The average starts from the
+    weights the run starts with (a checkpoint's average when the checkpoint has one). Checkpoints keep the
+    trained weights in ``state_dict``, so a resume continues training exactly, and the average in
+    ``checkpoint["ema"] = {"decay", "updates", "state_dict"}`` (fp32, the trainable tensors only);
+    ``ftkit pretrain-export`` writes the average. Single process and DDP (every rank holds the same weights).
+    """
+
+    def __init__(self, decay: float = 0.999):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ftkit.ema.decay: {decay} is not in (0, 1)")
+        self.decay, self.updates, self.avg = float(decay), 0, None
+        self._step = -1
+
+    def _trainable(self, pl_module) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        live = self._trainable(pl_module)
+        if self.avg is None:
+            self.avg = {n: p.detach().float().clone() for n, p in live.items()}
+        elif set(self.avg) != set(live):
+            raise ValueError(f"checkpoint's EMA holds other tensors than the model trains "
+                             f"({sorted(set(self.avg) ^ set(live))[:3]})")
+        self.avg = {n: t.to(live[n].device) for n, t in self.avg.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:  # gradient accumulation: no optimizer step since the last update
+            return
+        self._step = trainer.global_step
+        self.updates += 1
+        beta = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        live = self._trainable(pl_module)
+        with torch.no_grad():
+            names = list(self.avg)
+            torch._foreach_lerp_([self.avg[n] for n in names], [live[n].detach().float() for n in names], 1.0 - beta)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.avg is not None:
+            checkpoint["ema"] = {"decay": self.decay, "updates": self.updates,
+                                 "state_dict": {n: t.detach().cpu().clone() for n, t in self.avg.items()}}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        ema = checkpoint.get("ema")
+        if ema is None:
+            log.info("checkpoint has no EMA: the average starts from its weights")
+            return
+        self.updates, self.avg = int(ema["updates"]), dict(ema["state_dict"])
 
 
 class GradientDump(L.Callback):

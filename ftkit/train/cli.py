@@ -103,13 +103,15 @@ def _fit(rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, c
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from ftkit.train.callbacks import AdapterExport, MCoTSamples
+    from ftkit.train.callbacks import AdapterExport, MCoTSamples, WeightEMA
 
     every = int(fcfg.get("checkpoint_every_n_steps", 50))
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=every,
                                  save_top_k=int(fcfg.get("keep_checkpoints", 1)), monitor="step", mode="max"),
                  AdapterExport(run_dir / "adapter", extra={"recipe": recipe, "run_dir": str(run_dir)}),
                  MetricsBeforeCheckpoint(every)]
+    if (fcfg.get("ema") or {}).get("decay"):
+        callbacks.append(WeightEMA(float(fcfg["ema"]["decay"])))
     samples = fcfg.get("samples") or {}
     if samples.get("every_n_steps"):
         callbacks.append(MCoTSamples(run_dir / "samples", **samples))

@@ -18,8 +18,10 @@ import torch
 
 
 def export_release(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None,
-                   dtype: torch.dtype = torch.float32, overwrite: bool = True) -> Path:
-    """Write the weights of Lightning checkpoint ``ckpt`` (written by MCoTModule with full_finetune) at ``out``."""
+                   dtype: torch.dtype = torch.float32, overwrite: bool = True, raw: bool = False) -> Path:
+    """Write the weights of Lightning checkpoint ``ckpt`` (written by MCoTModule with full_finetune) at ``out``:
+    the moving average of :class:`~ftkit.train.callbacks.WeightEMA` when the checkpoint has one (unless ``raw``),
+    else the trained weights."""
     from ftkit.errors import FtkitError
     from ftkit.models.loading import load_bagel
     from ftkit.models.release import save_bagel
@@ -29,14 +31,16 @@ def export_release(ckpt: str | Path, out: str | Path, *, base: str | Path | None
     if not (base / "ema.safetensors").is_file():
         raise FtkitError(f"{ckpt}: its initial model folder {base} is missing (pass --base)")
     model = load_bagel(base, dtype=torch.float32)
-    sd = {k.removeprefix("model."): v for k, v in st["state_dict"].items()}
+    ema = None if raw else st.get("ema")
+    src = ema["state_dict"] if ema else st["state_dict"]
+    sd = {k.removeprefix("model."): v for k, v in src.items()}
     unknown = sorted(set(sd) - set(model.state_dict()))
     if unknown:
         raise FtkitError(f"{ckpt}: tensors {unknown[:3]} are not in the model of {base}")
     model.load_state_dict(sd, strict=False)
     save_bagel(model, out, tokenizer_dir=base, dtype=dtype, overwrite=overwrite)
     info = {"step": st.get("global_step"), "epoch": st.get("epoch"), "checkpoint": str(ckpt),
-            "trained_tensors": len(sd)}
+            "trained_tensors": len(sd), "weights": f"ema {ema['decay']} ({ema['updates']} updates)" if ema else "trained"}
     (Path(out) / "pretrain.json").write_text(json.dumps(info, indent=2))
     return Path(out)
 
@@ -47,7 +51,9 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="release folder to write (replaced when it is a model folder)")
     p.add_argument("--base", default=None, help="initial model folder (default: the one the checkpoint names)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--raw", action="store_true", help="the trained weights, not the checkpoint's moving average")
     a = p.parse_args(argv)
-    out = export_release(a.ckpt, a.out, base=a.base, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
+    out = export_release(a.ckpt, a.out, base=a.base, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype],
+                         raw=a.raw)
     print(f"wrote {out} ({json.loads((out / 'pretrain.json').read_text())})")
     return 0

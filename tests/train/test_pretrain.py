@@ -73,17 +73,27 @@ def test_tiny_pretrain_recipe_fits_resumes_and_exports(ae_run, tmp_path):
             "--model.model_path", str(init), "--data.datasets", f"[{data}/records.jsonl]", "--data.generate_shapes",
             "null", "--data.vae_image_size", "32", "--data.vit_image_size", "28", "--data.token_budget", "400",
             "--trainer.enable_progress_bar", "false"]
+    ckpt = tmp_path / "runs/tiny-pretrain/latest/checkpoints/last.ckpt"
     for steps, extra in ((2, []), (3, ["--ckpt_path", "last"])):
         r = subprocess.run([*args, "--trainer.max_steps", str(steps), *extra], capture_output=True, text=True, env=env,
                            cwd=REPO_ROOT, timeout=300)
         assert r.returncode == 0, r.stderr[-4000:]
-    ckpt = tmp_path / "runs/tiny-pretrain/latest/checkpoints/last.ckpt"
-    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if steps == 2:
+            st2 = torch.load(ckpt, map_location="cpu", weights_only=True)
+    st = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert st["global_step"] == 3
-    out = export_release(ckpt, tmp_path / "release")
-    ema = load_file(str(out / "ema.safetensors"))
-    init_ema = load_file(str(Path(init) / "ema.safetensors"))
+    # the recipe's moving average (WeightEMA): restored on resume, then one more update with beta_3 = 4/13
     key = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
-    torch.testing.assert_close(ema[key], st["state_dict"][f"model.{key}"])
+    assert st2["ema"]["updates"] == 2 and st["ema"]["updates"] == 3 and st["ema"]["decay"] == 0.999
+    expect = torch.lerp(st2["ema"]["state_dict"][f"model.{key}"], st["state_dict"][f"model.{key}"], 1 - 4 / 13)
+    torch.testing.assert_close(st["ema"]["state_dict"][f"model.{key}"], expect)
+    assert not torch.equal(st["ema"]["state_dict"][f"model.{key}"], st["state_dict"][f"model.{key}"])
+
+    out = export_release(ckpt, tmp_path / "release")  # the average
+    ema = load_file(str(out / "ema.safetensors"))
+    torch.testing.assert_close(ema[key], st["ema"]["state_dict"][f"model.{key}"])
+    raw = load_file(str(export_release(ckpt, tmp_path / "raw", raw=True) / "ema.safetensors"))
+    torch.testing.assert_close(raw[key], st["state_dict"][f"model.{key}"])
+    init_ema = load_file(str(Path(init) / "ema.safetensors"))
     assert not torch.equal(ema[key], init_ema[key])
     assert (out / "ae_config.json").read_text() == (tmp_path / "ae/ae_config.json").read_text()
