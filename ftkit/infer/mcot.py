@@ -36,6 +36,7 @@ from ftkit.data.schema import Box, PlanStep, ReflectStep, Region
 from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
 from ftkit.infer.context import Context, GuidanceContexts
 from ftkit.infer.sampler import decode_image, generate_image, generate_text
+from ftkit.models.release import atomic_write
 
 
 @dataclass
@@ -156,15 +157,15 @@ class Trace:
         names = []
         for k, r in enumerate(self.rounds):
             p = out / f"{stem}_{k}.png"
-            _atomic_write(p, _png_bytes(r.image))
+            atomic_write(p, _png_bytes(r.image))
             names.append(p.name)
             paths[f"round_{k}"] = p
         paths["final"] = out / f"{stem}.png"
-        _atomic_write(paths["final"], _png_bytes(self.final_image))
+        atomic_write(paths["final"], _png_bytes(self.final_image))
         paths["json"] = out / f"{stem}.json"
-        _atomic_write(paths["json"], self.to_json(image_paths=names).encode())
+        atomic_write(paths["json"], self.to_json(image_paths=names).encode())
         paths["sheet"] = out / f"{stem}_sheet.png"
-        _atomic_write(paths["sheet"], _png_bytes(contact_sheet(self, cell)))
+        atomic_write(paths["sheet"], _png_bytes(contact_sheet(self, cell)))
         return paths
 
 
@@ -217,12 +218,6 @@ def _load_image(v, base_dir, fld: str):
         im = Image.open(p)
     im.load()
     return im.convert("RGB")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def default_vit_hw(model, image_hw: tuple[int, int]) -> tuple[int, int]:

@@ -113,6 +113,37 @@ class atomic_dir:
             self._release()
 
 
+TMP_MARK = ".tmp-"  # temporary files: .<name>.tmp-<pid> beside the file they become
+
+
+def atomic_write(path: str | Path, write, before_rename=None) -> str | None:
+    """``write(fh)`` (or ``write`` itself when it is bytes) into a temporary file beside ``path``, fsync, rename
+    over ``path``. With ``before_rename``, the sha256 of the bytes written is computed, passed to ``before_rename(sha256)`` just
+    before the rename and returned (else None). On any error the temporary file is removed and ``path`` is
+    untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            if isinstance(write, bytes):
+                fh.write(write)
+            else:
+                write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = None
+        if before_rename is not None:
+            digest = file_sha256(tmp)
+            before_rename(digest)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -93,7 +93,8 @@ def fit_main(argv: list[str]) -> int:
 
 
 def _fit(rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, ckpt: str | None) -> int:
-    from ftkit.train.faults import AtomicCheckpointIO, MetricsBeforeCheckpoint, RunCSVLogger, atomic_write
+    from ftkit.models.release import atomic_write
+    from ftkit.train.faults import AtomicCheckpointIO, MetricsBeforeCheckpoint, RunCSVLogger
     from ftkit.train.run import git_commit, point_latest, summary, write_json
 
     cfg_file = run_dir / "config.yaml"

@@ -29,39 +29,13 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ftkit.errors import FtkitError
-from ftkit.models.release import file_sha256, fsync_dir, pid_alive
+from ftkit.models.release import TMP_MARK, atomic_write, file_sha256, pid_alive
 
 log = logging.getLogger("ftkit")
-TMP_MARK = ".tmp-"
 
 
 class CheckpointError(FtkitError):
     """A checkpoint that cannot be trusted (truncated, corrupt, checksum mismatch) or cannot be written."""
-
-
-def atomic_write(path: str | Path, write, before_rename=None) -> str | None:
-    """``write(fh)`` into a temporary file beside ``path``, fsync, rename over ``path``. With
-    ``before_rename``, the sha256 of the bytes written is computed, passed to ``before_rename(sha256)`` just
-    before the rename and returned (else None). On any error the temporary file is removed and ``path`` is
-    untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = None
-        if before_rename is not None:
-            digest = file_sha256(tmp)
-            before_rename(digest)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

@@ -18,7 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ftkit.train.faults import RunLock, atomic_write, find_resumable, remove_stale_temps
+from ftkit.models.release import atomic_write
+from ftkit.train.faults import RunLock, find_resumable, remove_stale_temps
 from ftkit.train.recipe import REPO_ROOT
 
 log = logging.getLogger("ftkit")
