@@ -29,6 +29,7 @@ from ftkit.models.bagel import BagelModel
 from ftkit.models.config import BagelConfig
 from ftkit.models.loading import load_bagel
 from ftkit.models.release import build_random_bagel, tiny_bagel_config
+from tests.adapters import randomize_adapters
 
 ATTN = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
@@ -62,19 +63,6 @@ def fresh(fixture_dir):
 @pytest.fixture(scope="module")
 def probe(base2):
     return probe_batch(base2.cfg, seed=3)
-
-
-def randomize(model, seed=0, scale=0.2):
-    """Non-zero adapter weights (training is not needed to test the plumbing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in adapter_state_dict(model).items():
-            if ".lora_magnitude_vector." in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif ".lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            else:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def outputs_equal(a, b):
@@ -200,7 +188,7 @@ def test_adapters_disabled_gives_base_outputs_exactly(fresh, probe):
     ref = run_probe(fresh(), probe)
     m = fresh()
     attach_adapters(m, AdapterConfig(preset="all-experts", r=4, modules_to_save=["vae2llm", "connector", "lm_head"]))
-    randomize(m)
+    randomize_adapters(m)
     adapted = run_probe(m, probe)
     assert not torch.allclose(adapted["velocity"], ref["velocity"], atol=1e-3)
     assert not torch.allclose(adapted["ce_logits"], ref["ce_logits"], atol=1e-4)
@@ -237,7 +225,7 @@ def test_qlora_nf4_forward_backward(fresh, probe):
     attach_adapters(m, AdapterConfig(preset="all-experts", r=4, alpha=8.0))
     layer = m.language_model.model.layers[1].mlp_moe_gen.down_proj
     assert type(layer.base_layer).__name__ == "Linear4bit"
-    randomize(m, scale=0.05)
+    randomize_adapters(m, scale=0.05)
     m.train()
     enable_gradient_checkpointing(m)
     loss = _loss(m, probe)
@@ -255,7 +243,7 @@ def test_gradient_checkpointing_same_grads(fresh, probe):
     for ckpt in (False, True):
         m = fresh()
         attach_adapters(m, AdapterConfig(preset="all-experts", r=4, modules_to_save=["connector"]))
-        randomize(m, seed=5)
+        randomize_adapters(m, seed=5)
         m.train()
         if ckpt:
             enable_gradient_checkpointing(m)
@@ -276,7 +264,7 @@ def test_save_load_round_trip(fresh, probe, tmp_path, fixture_dir, method):
     cfg = AdapterConfig(method=method, preset="generative", r=4, alpha=16.0, expert_r={"generative": 3},
                         modules_to_save=["llm2vae"])
     attach_adapters(m, cfg)
-    randomize(m, seed=7)
+    randomize_adapters(m, seed=7)
     want = run_probe(m, probe)
     out = save_adapter(m, cfg, tmp_path / "ad", base_path=fixture_dir, extra={"recipe": "tiny-mcot", "metrics": {"loss": 1.5}})
     files = sorted(p.name for p in out.iterdir())
@@ -305,7 +293,7 @@ def saved_adapter(fixture_dir, tmp_path_factory):
     m = load_bagel(fixture_dir, dtype=torch.float32)
     cfg = AdapterConfig(preset="all-experts", r=4)
     attach_adapters(m, cfg)
-    randomize(m)
+    randomize_adapters(m)
     return save_adapter(m, cfg, tmp_path_factory.mktemp("adapters") / "ad", base_path=fixture_dir)
 
 

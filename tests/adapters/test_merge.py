@@ -34,26 +34,13 @@ from ftkit.adapters.merge import (
 from ftkit.errors import FtkitError
 from ftkit.models.loading import load_bagel
 from ftkit.models.release import build_random_bagel, tiny_bagel_config
-
-
-def randomize(model, seed=0, scale=0.2):
-    from ftkit.adapters import adapter_state_dict
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in adapter_state_dict(model).items():
-            if ".lora_magnitude_vector." in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif ".lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            else:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+from tests.adapters import randomize_adapters
 
 
 def make_adapter(fixture_dir, out, cfg, *, quantize=None, three_experts=False, seed=0):
     m = load_bagel(fixture_dir, dtype=torch.float32, quantize=quantize, three_experts=three_experts)
     attach_adapters(m, cfg)
-    randomize(m, seed)
+    randomize_adapters(m, seed)
     return save_adapter(m, cfg, out, base_path=fixture_dir, extra={"recipe": "tiny-mcot", "metrics": {"ce": 2.0}}), m
 
 
@@ -305,7 +292,7 @@ def test_merged_weight_is_peft_merge_bit_for_bit(method, dtype):
 
     model = build_random_bagel(tiny_bagel_config(), dtype=dtype)
     attach_adapters(model, AdapterConfig(method=method, preset="generative", r=3, alpha=5.0))
-    randomize(model, seed=5)
+    randomize_adapters(model, seed=5)
     layers = lora_layers(model)
     assert len(layers) == 14
     for name, layer in layers.items():

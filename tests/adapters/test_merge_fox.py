@@ -15,7 +15,6 @@ from ftkit.adapters import (
     AdapterConfig,
     AdapterError,
     MergeError,
-    adapter_state_dict,
     attach_adapters,
     save_adapter,
 )
@@ -25,6 +24,7 @@ from ftkit.adapters.merge import merge_into_model, probe_batch, run_probe
 from ftkit.adapters.merge_fox import is_fox_folder, merge_fox
 from ftkit.errors import FtkitError
 from ftkit.models.fox import build_fox, load_fox, load_fox_tokenizer, save_fox
+from tests.adapters import randomize_adapters
 
 PREFIX = "language_model.model."
 
@@ -65,23 +65,10 @@ def bases(work, fixture_dir):
     return out
 
 
-def randomize(model, seed, scale=0.2):
-    """Non-zero LoRA B (and A), perturbed DoRA magnitudes and modules_to_save."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in adapter_state_dict(model).items():
-            if ".lora_magnitude_vector." in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif ".lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            else:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
 def make_adapter(base, out, cfg, *, quantize=None, seed=0):
     m = load_fox(base, dtype=torch.float32, quantize=quantize)
     attach_adapters(m, cfg)
-    randomize(m, seed)
+    randomize_adapters(m, seed)
     return save_adapter(m, cfg, out, base_path=base, extra={"recipe": "tiny-fox", "metrics": {"ce": 1.5}})
 
 
@@ -237,7 +224,7 @@ def test_qlora_adapter_merges_into_unquantized_base(bases, work):
     qmodel = load_fox(base, dtype=torch.float32, quantize="nf4")
     attach_adapters(qmodel, cfg)
     assert type(qmodel.language_model.model.layers[0].self_attn.q_proj_moe_gen.base_layer).__name__ == "Linear4bit"
-    randomize(qmodel, seed=4)
+    randomize_adapters(qmodel, seed=4)
     ad = save_adapter(qmodel, cfg, work / "ad-qlora", base_path=base, extra={"recipe": "tiny-fox-qlora"})
     assert json.loads((ad / "ftkit_adapter.json").read_text())["base"]["fingerprint"]["quantization"] == "nf4"
     with pytest.raises(MergeError, match="4-bit.*UNQUANTIZED"):
