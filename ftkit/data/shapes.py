@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ftkit.data.tasks import TASKS, split_tasks
 from ftkit.data.world import (  # noqa: F401  (re-exported: the shapes world's public names)
     BACKGROUNDS,
     CLASSES,
@@ -608,8 +609,12 @@ def generate(
     partial_rate: float = 0.15,
     overwrite: bool = False,
     progress: bool = True,
+    tasks: tuple[str, ...] | list[str] | None = None,
 ) -> dict:
     """Write ``n`` records to ``out/records.jsonl`` and their PNGs to ``out/images/``.
+
+    ``tasks``: write each record as FoX's separate tasks instead (:func:`ftkit.data.tasks.split_tasks`:
+    ``plan-act``, ``reflect``, ``correct``, ``mcot``), sharing its images.
 
     Everything is written to a temporary folder beside ``out`` and renamed into place when complete.
 
@@ -645,9 +650,10 @@ def generate(
                     (tmp / rel).write_bytes(data)
                     total_bytes += len(data)
                     n_images += 1
-                line = json.dumps(rec, ensure_ascii=False)
-                f.write(line + "\n")
-                total_bytes += len(line) + 1
+                for r in split_tasks(rec, tasks) if tasks else [rec]:
+                    line = json.dumps(r, ensure_ascii=False)
+                    f.write(line + "\n")
+                    total_bytes += len(line) + 1
                 tags[rec["meta"]["tag"]] += 1
                 kinds[rec["meta"]["error"] or "ok"] += 1
         if out.exists():
@@ -663,6 +669,7 @@ def generate(
     return {
         "out": str(out),
         "n": n,
+        "tasks": list(tasks or []),
         "images": n_images,
         "bytes": total_bytes,
         "tags": {t: tags[t] for t in TAGS if tags[t]},
@@ -681,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial-rate", type=float, default=0.15, help="share of partial drafts")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                   help="write each record as FoX's separate tasks (plan-act reflect correct mcot)")
     args = p.parse_args(argv)
     try:
         s = generate(
@@ -692,12 +701,13 @@ def main(argv: list[str] | None = None) -> int:
             partial_rate=args.partial_rate,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            tasks=args.tasks,
         )
     except (ValueError, FileExistsError) as e:
         print(f"ftkit data shapes: error: {e}", file=sys.stderr)
         return 2
     print(
-        f"wrote {s['n']} records and {s['images']} images ({s['bytes'] / 1e6:.2f} MB) to {s['out']} "
+        f"wrote {s['n']} records{' as tasks ' + '/'.join(s['tasks']) if s['tasks'] else ''} and {s['images']} images ({s['bytes'] / 1e6:.2f} MB) to {s['out']} "
         f"(seed {args.seed}, {args.size}x{args.size})"
     )
     print("  tags:  " + ", ".join(f"{k} {v}" for k, v in s["tags"].items()))

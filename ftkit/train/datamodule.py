@@ -159,7 +159,9 @@ class MCoTDataModule(L.LightningDataModule):
         seed: data seed (packing order, dropout, timesteps).
         generate_shapes: ``{out, n, seed, size}``: generate the shapes-world set at ``out`` in
             ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone); with
-            ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain`.
+            ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain`; with
+            ``tasks: [plan-act, reflect, correct, mcot]`` each record as FoX's separate tasks
+            (:mod:`ftkit.data.tasks`).
     """
 
     def __init__(
@@ -209,7 +211,8 @@ class MCoTDataModule(L.LightningDataModule):
             from ftkit.data.shapes import generate
 
             log.info("generating shapes-world data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs.get("seed", 0))
-            generate(gs["out"], gs["n"], seed=gs.get("seed", 0), size=gs.get("size", 64), progress=False)
+            generate(gs["out"], gs["n"], seed=gs.get("seed", 0), size=gs.get("size", 64), progress=False,
+                     tasks=gs.get("tasks"))
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
