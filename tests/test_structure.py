@@ -11,12 +11,13 @@ PKG = Path(__file__).resolve().parents[1] / "ftkit"
 # package -> ftkit packages/modules it may import (besides itself); lazy imports included
 ALLOWED = {
     "errors": set(),
+    "files": {"errors"},
     "segments": {"errors"},
-    "data": {"segments", "errors"},
-    "models": {"segments", "errors"},
-    "adapters": {"models", "data.packer", "segments", "errors"},
-    "train": {"models", "data", "adapters", "infer.mcot", "segments", "errors"},
-    "infer": {"models", "data", "adapters.io", "adapters.attach", "segments", "errors"},
+    "data": {"segments", "errors", "files"},
+    "models": {"segments", "errors", "files"},
+    "adapters": {"models", "data.packer", "segments", "errors", "files"},
+    "train": {"models", "data", "adapters", "infer.mcot", "segments", "errors", "files"},
+    "infer": {"models", "data", "adapters.io", "adapters.attach", "segments", "errors", "files"},
     "testing": {"data.packer", "segments", "errors"},
 }
 

@@ -40,7 +40,7 @@ from ftkit.adapters.attach import (
 )
 from ftkit.adapters.config import AdapterConfig, AdapterConfigError, model_experts
 from ftkit.errors import FtkitError
-from ftkit.models.release import file_sha256
+from ftkit.files import file_sha256
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -25,6 +25,7 @@ from ftkit.data.importers import Source, guess_format, open_sources
 from ftkit.data.registry import DatasetSpec, Registry
 from ftkit.data.schema import RecordError, StepRecord
 from ftkit.errors import FtkitError
+from ftkit.files import atomic_write
 
 log = logging.getLogger("ftkit.data")
 
@@ -140,9 +141,7 @@ def write_invalid_list(name: str, errors: list[RecordError], out_dir: str | os.P
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]
         filename = f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
     path = out / filename
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{p}\n" for e in errors for p in e.problems), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(f"{p}\n" for e in errors for p in e.problems).encode())
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ftkit.data.schema import DraftStep, PlanStep, RecordError, RefineStep, ReflectStep, StepRecord
 from ftkit.data.serialize import serialize_plan
+from ftkit.files import atomic_write
 
 _COLORS = ["#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa", "#ff2d55"]
 _KIND_COLORS = {"missing": "#ff3b30", "count": "#ff9500", "color": "#af52de", "position": "#007aff",
@@ -124,7 +125,5 @@ def contact_sheet(records: Sequence[StepRecord], out: str | os.PathLike, cell: i
             sheet.paste(p, (x * cell, y * ph))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(out)
+    atomic_write(out, lambda fh: sheet.save(fh, format="PNG"))
     return out

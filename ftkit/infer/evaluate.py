@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from ftkit.data.geneval import GENEVAL_TAGS, Detector, default_detector, evaluate_image
+from ftkit.files import atomic_write
 
 MODES = ("direct", "mcot")
 
@@ -182,9 +183,7 @@ def failure_sheet(prompt: str, judged: Mapping[str, tuple], trace=None, detector
 
 
 def _save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -304,9 +303,7 @@ def evaluate_shapes(model, tokenizer, records: Sequence, *, detector: Detector |
     if out is not None:
         for name, body in (("results.json", json.dumps(res, indent=2)),
                            ("results.md", _markdown(res))):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(body, encoding="utf-8")
-            os.replace(tmp, out / name)
+            atomic_write(out / name, body.encode())
     return res
 
 
@@ -658,9 +655,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
             sheets["corrections"] = "sheets/corrections.png"
         res["sheets"] = sheets
         for name, body in (("ablation.json", json.dumps(res, indent=2)), ("ablation.md", ablation_markdown(res))):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(body, encoding="utf-8")
-            os.replace(tmp, out / name)
+            atomic_write(out / name, body.encode())
     return res
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ftkit.files import atomic_write
+
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts of a ``.txt`` file (one per line; blank lines and lines starting with ``#`` skipped) or a
@@ -114,9 +116,7 @@ def generate_prompts(model, tokenizer, prompts: list[str], out_dir: str | os.Pat
              "sampler": {**sampler.kwargs(), "cfg_interval": list(sampler.cfg_interval)},
              "text": {"max_plan_tokens": text.max_plan_tokens, "max_reflect_tokens": text.max_reflect_tokens},
              "prompts": entries, "seconds": round(time.perf_counter() - t_all, 3)}
-    tmp = out / ".index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "index.json")
+    atomic_write(out / "index.json", json.dumps(index, indent=2).encode())
     return index
 
 

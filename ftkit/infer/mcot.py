@@ -34,9 +34,9 @@ import torch
 
 from ftkit.data.schema import Box, PlanStep, ReflectStep, Region
 from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
+from ftkit.files import atomic_write
 from ftkit.infer.context import Context, GuidanceContexts
 from ftkit.infer.sampler import decode_image, generate_image, generate_text
-from ftkit.models.release import atomic_write
 
 
 @dataclass

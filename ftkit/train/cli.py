@@ -93,7 +93,7 @@ def fit_main(argv: list[str]) -> int:
 
 
 def _fit(rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, ckpt: str | None) -> int:
-    from ftkit.models.release import atomic_write
+    from ftkit.files import atomic_write
     from ftkit.train.faults import AtomicCheckpointIO, MetricsBeforeCheckpoint, RunCSVLogger
     from ftkit.train.run import git_commit, point_latest, summary, write_json
 

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ftkit.errors import FtkitError
-from ftkit.models.release import TMP_MARK, atomic_write, file_sha256, pid_alive
+from ftkit.files import TMP_MARK, atomic_write, file_sha256, pid_alive
 
 log = logging.getLogger("ftkit")
 
@@ -269,7 +269,7 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
 
     def __enter__(self) -> RunLock:
-        from ftkit.models.release import take_pid_lock
+        from ftkit.files import take_pid_lock
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         take_pid_lock(self.path, lambda pid: f"{self.path.parent}: another run (pid {pid}) is training into this "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ftkit.files import atomic_write
 from ftkit.models.vae import AEConfig, FluxAE, build_autoencoder
 
 log = logging.getLogger("ftkit")
@@ -62,11 +62,7 @@ def shapes_batch(n: int, size: int, seed: int, step: int) -> torch.Tensor:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int = 0, ckpt_minutes: float = 3.0) -> dict:
@@ -136,16 +132,14 @@ def load_run(run: str | Path) -> tuple[FluxAE, AERecipe, dict]:
 
 def export(run: str | Path, out: str | Path) -> Path:
     """Write ``out/ae.safetensors`` (FLUX names, fp32) + ``out/ae_config.json`` from the run's latest state."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from ftkit.models.release import ae_state_dict_flux
 
     ae, _, st = load_run(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".ae.safetensors.tmp-{os.getpid()}"
-    save_file(ae_state_dict_flux(ae), str(tmp), metadata={"format": "pt", "step": str(st["step"])})
-    os.replace(tmp, out / "ae.safetensors")
+    atomic_write(out / "ae.safetensors", save(ae_state_dict_flux(ae), metadata={"format": "pt", "step": str(st["step"])}))
     (out / "ae_config.json").write_text(json.dumps(ae.config.to_dict(), indent=2))
     return out
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ftkit.models.release import atomic_write
+from ftkit.files import atomic_write
 from ftkit.train.faults import RunLock, find_resumable, remove_stale_temps
 from ftkit.train.recipe import REPO_ROOT
 
