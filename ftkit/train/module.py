@@ -273,7 +273,8 @@ class MCoTModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        # one reduction over all gradients (NaN or inf anywhere makes the norm non-finite), not one per tensor
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
             self._nonfinite(self._item, "gradient")
             for p in self.parameters():  # skipped: no update from this batch
                 p.grad = None
@@ -318,7 +319,10 @@ class MCoTModule(L.LightningModule):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        # plain CPU tensors: the fused AdamW kernel (one call for all parameters instead of a Python loop of
+        # ~10 ops per tensor, 2-3% of a tiny-model step); elsewhere torch's default (foreach on CUDA)
+        fused = all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in params) or None
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         warm = min(hp.warmup_steps, max(total - 1, 0))
 
