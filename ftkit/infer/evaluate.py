@@ -438,7 +438,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     the draft of ``mcot``); a mode's seconds per prompt add up the stages it needs.
 
     Reflection quality (on the mcot drafts): verdict accuracy against the evaluator (truth ``ok`` when
-    the draft passes); IoU of the union of flagged region boxes with the union of the boxes of the
+    the draft passes; an unparseable reflection is corrected but counts as a wrong verdict), beside the
+    accuracy of always answering ``revise`` (the share of failed drafts); IoU of the union of flagged region boxes with the union of the boxes of the
     detections that broke a rule plus the model's own plan boxes of objects the evaluator found missing
     (drafts that fail, are flagged, and have both).
 
@@ -621,9 +622,13 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     if "reflect" in need:
         rr = [r["reflection"] for r in rows]
         ious = [x["iou"] for x in rr if x["iou"] is not None]
-        conf = {f"truth {t} / said {v}": sum(1 for x in rr if x["truth"] == t and x["verdict"] == v)
+        # an unparseable reflection is corrected like a `revise` (the loop must do something) but it is never
+        # a right verdict; a constant `revise` would score the share of failed drafts (reported beside it)
+        conf = {f"truth {t} / said {v}": sum(1 for x in rr if x["parsed"] and x["truth"] == t and x["verdict"] == v)
                 for t in ("ok", "revise") for v in ("ok", "revise")}
-        reflection = {"verdict_accuracy": float(np.mean([x["truth"] == x["verdict"] for x in rr])),
+        conf["unparsed"] = sum(1 for x in rr if not x["parsed"])
+        reflection = {"verdict_accuracy": float(np.mean([x["parsed"] and x["truth"] == x["verdict"] for x in rr])),
+                      "always_revise_accuracy": float(np.mean([x["truth"] == "revise" for x in rr])),
                       "parsed": float(np.mean([x["parsed"] for x in rr])), "confusion": conf,
                       "region_iou": float(np.mean(ious)) if ious else None, "region_iou_n": len(ious),
                       "corrected": sum(x["corrected"] for x in rr)}
@@ -747,7 +752,8 @@ def ablation_markdown(res: dict) -> str:
     if r:
         iou = "n/a" if r["region_iou"] is None else f"{r['region_iou']:.3f}"
         lines += ["Reflection on the mcot drafts (truth: the evaluator's verdict on the draft):", "",
-                  f"- verdict accuracy {r['verdict_accuracy']:.3f}; parsed {r['parsed']:.3f}; corrected "
+                  f"- verdict accuracy {r['verdict_accuracy']:.3f} (an unparsed reflection counts as wrong; always "
+                  f"`revise` would score {r['always_revise_accuracy']:.3f}); parsed {r['parsed']:.3f}; corrected "
                   f"{r['corrected']} of {res['n']}",
                   "- " + "; ".join(f"{k}: {v}" for k, v in r["confusion"].items()),
                   f"- IoU of flagged regions with the failed objects: {iou} (over {r['region_iou_n']} drafts)", ""]

@@ -184,6 +184,10 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
     d_re = np.abs(img["mcot-regen"][1][far].astype(int) - img["plan-act"][1][far].astype(int)).mean()
     assert d_in < d_re
     assert res["reflection"]["confusion"]["truth revise / said ok"] == 2  # noise never passes
+    assert res["reflection"]["confusion"]["unparsed"] == 1
+    # the one parsed `revise` is the only right verdict: the unparsed one is corrected but not counted right
+    assert res["reflection"]["verdict_accuracy"] == pytest.approx(1 / 4)
+    assert res["reflection"]["always_revise_accuracy"] == 1.0
     assert set(res["seconds_per_prompt"]) == set(ALL_ABLATION_MODES)
     assert all(v > 0 for v in res["seconds_per_prompt"].values())
     assert set(res["differences"]) == {"mcot - t2i-twice", "plan-act - t2i-twice", "mcot - plan-act"}
