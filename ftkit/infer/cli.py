@@ -10,6 +10,7 @@ Output folders are written under a temporary name beside ``--out`` and renamed w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -206,7 +207,55 @@ def build_eval_parser() -> argparse.ArgumentParser:
                     help="factory returning a geneval Detector (default: the shapes-world colour detector); "
                          "if the object has a color(image, detection) method it is used as color_fn")
     _add_sampler_args(sp)
+    fp = sub.add_parser("flow", formatter_class=argparse.RawDescriptionHelpFormatter,
+                        help="velocity error by timestep on held-out images (where a flow model fails)",
+                        description="Denoising quality by timestep (ftkit.infer.flowcheck): for each (prompt, image) "
+                                    "pair, noise the image to t, compare the model's velocity with the truth, with "
+                                    "and without the prompt; decode x0_hat into a contact sheet.")
+    _add_model_args(fp)
+    fp.add_argument("--out", required=True, help="output folder (refused when not empty, unless --overwrite)")
+    fp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    fp.add_argument("--data", default="shapes-eval", help="registry name or path of records with images "
+                                                          "(default shapes-eval; each record's last image is used)")
+    fp.add_argument("--registry", default=None, help="extra dataset registry file")
+    fp.add_argument("--n", type=int, default=40, help="pairs (the first N records; default 40)")
+    fp.add_argument("--timesteps", type=float, nargs="+", default=None, metavar="T",
+                    help="timesteps in (0, 1] (default 0.1 0.3 0.5 0.7 0.9)")
+    fp.add_argument("--size", type=int, default=None, metavar="PX", help="image side (default: the model's)")
+    fp.add_argument("--seed", type=int, default=0, help="pair i draws its noise with seed + i (default 0)")
     return ap
+
+
+def _eval_flow(a: argparse.Namespace) -> int:
+    from ftkit.data.dataset import load_records
+    from ftkit.infer.flowcheck import DEFAULT_TIMESTEPS, flow_by_timestep, flow_markdown
+    from ftkit.models.release import atomic_dir
+
+    try:
+        out = check_out_dir(a.out, a.overwrite)
+        if a.n < 1:
+            raise ValueError(f"--n must be >= 1, got {a.n}")
+        if a.size is None:
+            from ftkit.models.folders import read_model_config
+
+            a.size = read_model_config(a.model).default_image_size()
+        records = list(load_records(a.data, registry=a.registry))[: a.n]
+        model, tok = load_for_inference(a.model, a.adapter, dtype=a.dtype, device=a.device, quantize=a.quantize)
+        check_finite(model, a.adapter or a.model)
+        res, sheet = flow_by_timestep(model, tok, records, a.timesteps or DEFAULT_TIMESTEPS,
+                                      image_hw=(a.size, a.size), seed=a.seed)
+        res.update(model=str(Path(a.model).resolve()), adapter=str(Path(a.adapter).resolve()) if a.adapter else None,
+                   data=a.data)
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "flow.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+            (tmp / "flow.md").write_text(flow_markdown(res), encoding="utf-8")
+            sheet.save(tmp / "sheet.png")
+    except _errors() as e:
+        print(f"ftkit eval: error: {_fmt_err(e)}", file=sys.stderr)
+        return 1
+    print(flow_markdown(res), end="")
+    print(f"wrote {out} (flow.json, flow.md, sheet.png)")
+    return 0
 
 
 def load_detector(spec: str):
@@ -241,6 +290,8 @@ def load_detector(spec: str):
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of ``ftkit eval``; returns the exit status (0 ok, 1 failed; bad usage exits 2)."""
     a = build_eval_parser().parse_args(argv)
+    if a.suite == "flow":
+        return _eval_flow(a)
     try:
         from ftkit.data.dataset import load_records
         from ftkit.infer.evaluate import balanced_subset, evaluate_shapes
