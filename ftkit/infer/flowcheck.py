@@ -48,9 +48,10 @@ def flow_by_timestep(model, tokenizer, records: Sequence, timesteps: Sequence[fl
     """
     from PIL import Image
 
+    from ftkit.data.builder import pil_to_tensor
     from ftkit.infer.context import GuidanceContexts
     from ftkit.infer.mcot import _Text
-    from ftkit.infer.sampler import decode_image, velocities
+    from ftkit.infer.sampler import decode_image, to_pil, velocities
 
     ts = [float(t) for t in timesteps]
     if not records:
@@ -61,7 +62,7 @@ def flow_by_timestep(model, tokenizer, records: Sequence, timesteps: Sequence[fl
     tx = _Text(model, tokenizer)
     per, rows = [], []
     for i, rec in enumerate(records):
-        image = target_image(rec).open().convert("RGB").resize((hw[1], hw[0]))
+        image = pil_to_tensor(target_image(rec).open(), hw)  # the training path's conversion
         gc = GuidanceContexts(model)
         gc.add_user_text(tx.encode(rec.prompt))
         x0 = model.patchify(gc.cond.vae_latent(image, posterior="mean")).float().cpu()
@@ -74,7 +75,7 @@ def flow_by_timestep(model, tokenizer, records: Sequence, timesteps: Sequence[fl
                     "mse_cond": [float(((v - target) ** 2).mean()) for v in v_cond],
                     "mse_uncond": [float(((v - target) ** 2).mean()) for v in v_unc]})
         if len(rows) < sheet_rows:
-            rows.append([image] + [decode_image(model, x - t * v, hw) for t, x, v in zip(ts, x_ts, v_cond)])
+            rows.append([to_pil(image)] + [decode_image(model, x - t * v, hw) for t, x, v in zip(ts, x_ts, v_cond)])
     n = len(per)
     mean = lambda key, j: sum(p[key][j] for p in per) / n  # noqa: E731
     mc = [mean("mse_cond", j) for j in range(len(ts))]

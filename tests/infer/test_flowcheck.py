@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from ftkit.data.builder import pil_to_tensor
 from ftkit.data.dataset import load_records
 from ftkit.infer.context import GuidanceContexts
 from ftkit.infer.evaluate import ablation_records
@@ -31,7 +32,7 @@ def test_flow_by_timestep_matches_a_direct_computation(setup):
     rec = records[1]
     gc = GuidanceContexts(model)
     gc.add_user_text(tok.encode(rec.prompt, add_special_tokens=False))
-    image = target_image(rec).open().convert("RGB").resize(HW)
+    image = pil_to_tensor(target_image(rec).open(), HW)
     x0 = model.patchify(gc.cond.vae_latent(image, posterior="mean")).float()
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5 + 1))
     x_t = 0.1 * x0 + 0.9 * eps
