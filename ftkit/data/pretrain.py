@@ -1,13 +1,21 @@
-"""Shapes-world pretraining records for the tiny backbone: text-to-image and grounded captioning.
+"""Shapes-world pretraining records for the tiny backbone: text-to-image, grounded captioning and judging.
 
-Record ``i`` (1-based) of a set with seed ``seed`` takes the correct scene of
-``make_record(i, seed, kind="ok")`` and becomes
+Record ``i`` (1-based) of a set with seed ``seed`` becomes
 
-* ``i % 3 != 0``: text-to-image, ``{"task": "t2i", "prompt": PROMPT, "steps": [draft IMAGE]}``
-  (flow loss on the image given the prompt);
-* ``i % 3 == 0``: understanding, ``{"task": "edit", "prompt": "Describe the image.", "input_image": IMAGE,
-  "steps": [plan CAPTION + BOXES]}`` (cross-entropy on the grounded caption: colours, sizes, positions
-  and boxes of every object, given the image only).
+* ``i % 3 != 0``: text-to-image on the correct scene of ``make_record(i, seed, kind="ok")``,
+  ``{"task": "t2i", "prompt": PROMPT, "steps": [draft IMAGE]}`` (flow loss on the image given the prompt);
+* ``i % 6 == 3``: grounded captioning of that correct scene, ``{"task": "edit", "prompt": "Describe the
+  image.", "input_image": IMAGE, "steps": [plan CAPTION + BOXES]}`` (cross-entropy on the caption: colours,
+  sizes, positions and boxes of every object, given the image only);
+* ``i % 6 == 0``: judging, ``{"task": "t2i", "prompt": PROMPT, "steps": [draft DRAFT, reflect],
+  "supervise": ["reflect"]}`` (cross-entropy on the reflection only; the draft is context, as in MCoT):
+  a draft of ``make_record`` (correct with probability 1/2, else one of the shapes world's typed errors:
+  missing or extra objects, wrong count, colour, position or attribute) and the reflection that judges it
+  against the prompt (verdict, critique, regions). The counting / colour / position questions of GenEval's
+  categories, asked as "does this image show PROMPT?", in the reflection format: the understanding
+  expert learns the words and tags that MCoT fine-tuning later asks it to write. Without them those
+  tokens are never targets in pretraining, and their ``lm_head`` rows all drift the same way (each step
+  pushes every non-target logit down), so an adapter cannot tell them apart.
 
 ``meta`` keeps the scene's GenEval metadata. Written like :func:`ftkit.data.shapes.generate` (temporary
 folder renamed into place).
@@ -21,18 +29,35 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ftkit.data.shapes import _png_bytes, make_record
+from ftkit.data.shapes import TAGS, _png_bytes, make_record
 
 DESCRIBE = "Describe the image."
 
 
+def pretrain_tag(index: int) -> str:
+    """GenEval category of record ``index``, cycling through all six within each of the three tasks.
+
+    (``make_record``'s default, ``TAGS[(index - 1) % 6]``, would tie the category to ``index % 3`` and so
+    to the task: text-to-image would never see counting or colour-attribution prompts.)"""
+    block, r = divmod(index, 3)
+    if r:  # text-to-image: two of every three records
+        return TAGS[(2 * block + r - 1) % len(TAGS)]
+    return TAGS[((block - 1) // 2) % len(TAGS)]  # captioning and judging alternate
+
+
 def pretrain_record(index: int, seed: int, size: int = 64) -> tuple[dict, bytes]:
     """``(record, png)`` of record ``index``; the record's image path is ``images/<id>.png``."""
-    rec, images = make_record(index, seed, size, kind="ok")
+    judge = index % 6 == 0
+    rec, images = make_record(index, seed, size, tag=pretrain_tag(index),
+                              **({"error_rate": 0.5, "partial_rate": 0.0} if judge else {"kind": "ok"}))
     plan, draft = rec["steps"][0], rec["steps"][1]
     path = f"images/{rec['id']}.png"
     meta = {k: rec["meta"][k] for k in ("tag", "include", "exclude", "seed", "size")}
-    if index % 3:
+    if judge:
+        meta["error"] = rec["meta"]["error"]
+        out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
+               "steps": [{**draft, "image": path}, rec["steps"][2]], "supervise": ["reflect"]}
+    elif index % 3:
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
                "steps": [{"type": "draft", "image": path, "partial": False}]}
     else:

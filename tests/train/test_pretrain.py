@@ -48,11 +48,18 @@ def test_ae_run_resumes_refuses_other_recipe_and_exports(ae_run, tmp_path):
 def test_pretrain_records_validate(tmp_path):
     from ftkit.data.dataset import load_records
     from ftkit.data.pretrain import DESCRIBE, generate_pretrain
+    from ftkit.data.shapes import TAGS
 
-    recs = list(load_records(str(generate_pretrain(tmp_path / "p", 6, size=32) / "records.jsonl")))
-    assert [r.task for r in recs] == ["t2i", "t2i", "edit"] * 2
+    recs = list(load_records(str(generate_pretrain(tmp_path / "p", 36, size=32) / "records.jsonl")))
+    assert [r.task for r in recs[:6]] == ["t2i", "t2i", "edit", "t2i", "t2i", "t2i"]
     assert [s.type for s in recs[0].steps] == ["draft"] and recs[0].input_image is None
     assert recs[2].prompt == DESCRIBE and recs[2].input_image.exists() and recs[2].steps[0].boxes
+    judge = recs[5::6]
+    assert all([s.type for s in r.steps] == ["draft", "reflect"] and r.supervise == ("reflect",) for r in judge)
+    assert all(r.steps[1].verdict == ("ok" if r.meta["error"] is None else "revise") for r in judge)
+    # every task sees every GenEval category (text-to-image included: counting, colour attribution)
+    for task in ([r for i, r in enumerate(recs, 1) if i % 3], recs[2::6], judge):
+        assert {r.meta["tag"] for r in task} == set(TAGS)
 
 
 @pytest.mark.slow
