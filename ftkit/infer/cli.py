@@ -45,6 +45,9 @@ def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: i
     g.add_argument("--cfg-img", type=float, default=1.0, help="image guidance scale (default 1.0 = off)")
     g.add_argument("--cfg-interval", type=float, nargs=2, default=[0.4, 1.0], metavar=("LO", "HI"),
                    help="timesteps t in [LO, HI] are guided (default 0.4 1.0)")
+    g.add_argument("--cfg-plan", type=float, default=None, metavar="S",
+                   help="plan guidance scale (GoT's spatial guidance: the plan against the prompt alone; default "
+                        "off; the ablation's plan-guided mode uses 2.0 unless set)")
     g.add_argument("--cfg-renorm", default="global", choices=["global", "channel", "text_channel"],
                    help="guidance renorm type (default global)")
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
@@ -73,7 +76,8 @@ def _settings(a: argparse.Namespace):
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--cfg-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
     sampler = SamplerSettings(num_timesteps=a.steps, timestep_shift=a.shift, cfg_text_scale=a.cfg_text,
-                              cfg_img_scale=a.cfg_img, cfg_interval=(lo, hi), cfg_renorm_type=a.cfg_renorm)
+                              cfg_img_scale=a.cfg_img, cfg_interval=(lo, hi), cfg_renorm_type=a.cfg_renorm,
+                              cfg_plan_scale=a.cfg_plan)
     text = TextSettings(max_plan_tokens=a.max_new_tokens, max_reflect_tokens=a.max_new_tokens)
     return hw, sampler, text
 

@@ -372,6 +372,8 @@ class GuidanceContexts:
     * ``uncond_text`` (text-CFG branch): ``cond`` as it was before the text added since the last
       image (user text), i.e. empty for plain text-to-image, the input image for an edit.
     * ``uncond_img`` (image-CFG branch): every user text, no image.
+    * ``uncond_plan`` (plan-guidance branch): ``cond`` as it was before the text generated since the
+      last image (the plan, for a draft); ``None`` while there is none.
 
     Generated text (a plan, a reflection: upstream's "think" text) goes into ``cond`` only.
     """
@@ -380,20 +382,25 @@ class GuidanceContexts:
         self.cond = Context(model)
         self.uncond_text = Context(model)
         self.uncond_img = Context(model)
+        self.uncond_plan: Context | None = None
 
     def add_user_text(self, ids) -> GuidanceContexts:
         self.uncond_text = self.cond.copy()
         self.cond.add_text(ids)
         self.uncond_img.add_text(ids)
+        self.uncond_plan = None
         return self
 
     def add_generated_text(self, ids) -> GuidanceContexts:
+        if self.uncond_plan is None:
+            self.uncond_plan = self.cond.copy()
         self.cond.add_text(ids)
         return self
 
     def add_image(self, image, **kw) -> GuidanceContexts:
         self.cond.add_image(image, **kw)
         self.uncond_text = self.cond.copy()
+        self.uncond_plan = None
         return self
 
 

@@ -28,8 +28,8 @@ the command line: ``ftkit eval shapes --detector package.module:factory`` (the f
 used as ``detector``, and its ``color`` method, when it has one, as ``color_fn``).
 
 Ablation (:func:`run_ablation`, ``ftkit eval shapes --ablation``): FoX's modes ``base``, ``t2i``,
-``t2i-twice``, ``plan-act``, ``mcot`` (verdict-gated correction by inpainting the flagged regions) and
-``mcot-regen`` on the same prompts, batched through the sampler, with paired bootstrap intervals of the
+``t2i-twice``, ``plan-act``, ``mcot`` (verdict-gated correction by inpainting the flagged regions),
+``mcot-regen`` and ``plan-guided`` (GoT's plan guidance) on the same prompts, batched through the sampler, with paired bootstrap intervals of the
 differences, reflection quality and seconds per prompt. Its prompts are a held-out split: seed
 :data:`ABLATION_SEED` = 1011 (training data uses seed 0, the shipped ``shapes-eval`` seed 1), 600 records,
 generated on demand by :func:`ablation_records` -- the same records as
@@ -327,13 +327,16 @@ def _markdown(res: dict) -> str:
 
 # ==================================================================================== ablation
 ABLATION_MODES = ("base", "t2i", "t2i-twice", "plan-act", "mcot")
-ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-regen")
+ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-regen", "plan-guided")
+# plan-guided's plan scale when the sampler sets none: GoT's spatial / semantic ratio (4.0 / 7.5) at text scale 4
+PLAN_GUIDANCE_SCALE = 2.0
 ABLATION_SEED = 1011  # held-out: training data uses seed 0, the shipped shapes-eval seed 1
 ABLATION_N = 600
-DIFFERENCES = (("mcot", "t2i-twice"), ("plan-act", "t2i-twice"), ("mcot", "plan-act"))
+DIFFERENCES = (("mcot", "t2i-twice"), ("plan-act", "t2i-twice"), ("mcot", "plan-act"), ("plan-guided", "plan-act"))
 # which pipeline stages each mode needs (for its seconds per prompt)
 _STAGES = {"base": ("base",), "t2i": ("t2i",), "t2i-twice": ("t2i", "twice"), "plan-act": ("plan", "draft"),
-           "mcot": ("plan", "draft", "reflect", "inpaint"), "mcot-regen": ("plan", "draft", "reflect", "regen")}
+           "mcot": ("plan", "draft", "reflect", "inpaint"), "mcot-regen": ("plan", "draft", "reflect", "regen"),
+           "plan-guided": ("plan", "guided")}
 
 
 def ablation_records(n: int = ABLATION_N, seed: int = ABLATION_SEED, size: int = 64,
@@ -433,6 +436,9 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
       ``keep``) the latent tokens under the reflection's regions (:func:`region_token_mask`; the whole
       image when it names none) from ``eps2``, context = prompt, plan, draft, reflection;
     * ``mcot-regen``: as ``mcot`` but the correction regenerates the whole image from the context.
+    * ``plan-guided``: the ``plan-act`` image (same plan, same ``eps1``) sampled with plan guidance
+      (GoT; ``sampler.cfg_plan_scale``, default :data:`PLAN_GUIDANCE_SCALE`): a fourth branch without the
+      plan, so the plan is guided against the prompt alone.
 
     Stages shared by modes are computed once (``t2i`` is the first image of ``t2i-twice``, ``plan-act``
     the draft of ``mcot``); a mode's seconds per prompt add up the stages it needs.
@@ -477,13 +483,15 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     tx = _Text(model, tokenizer)
     adapted = has_adapters(model)
     need = {s for m in modes for s in _STAGES[m]}
-    secs = {s: 0.0 for s in ("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen")}
+    secs = {s: 0.0 for s in ("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen", "guided")}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         for m in modes:
             (out / "images" / m).mkdir(parents=True, exist_ok=True)
         (out / "sheets").mkdir(parents=True, exist_ok=True)
     skw = sampler.kwargs()
+    plan_scale = skw.pop("cfg_plan_scale")  # only the plan-guided mode guides the plan
+    plan_scale = PLAN_GUIDANCE_SCALE if plan_scale is None else plan_scale
     pack = max(1, round(pack_tokens / (N + 2)))
 
     def judge(image, meta, where):
@@ -492,10 +500,11 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
 
-    def sample(gcs, eps, keep=None, plain=False):
+    def sample(gcs, eps, keep=None, plain=False, plan_guided=False):
         lat = generate_images(model, [g.cond for g in gcs], None if plain else [g.uncond_text for g in gcs],
                               None if plain else [g.uncond_img for g in gcs], hw=hw, init_noise=eps, keep=keep,
-                              packed=pack, **skw)
+                              packed=pack, uncond_plans=[g.uncond_plan for g in gcs] if plan_guided else None,
+                              cfg_plan_scale=plan_scale if plan_guided else None, **skw)
         return lat, [decode_image(model, z, hw) for z in lat]
 
     def user(prompts):
@@ -544,8 +553,12 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                         pl = None
                     g.add_generated_text(ids)
                     plans.append((ptxt, pl))
-            with clock("draft"):
-                lat_d, imgs["plan-act"] = sample(gcs_p, bt.eps1)
+            if "draft" in need:
+                with clock("draft"):
+                    lat_d, imgs["plan-act"] = sample(gcs_p, bt.eps1)
+            if "guided" in need:
+                with clock("guided"):
+                    imgs["plan-guided"] = sample(gcs_p, bt.eps1, plan_guided=True)[1]
         if "reflect" in need:
             with clock("reflect"):
                 for g, im, gen in zip(gcs_p, imgs["plan-act"], bt.gens):
@@ -642,7 +655,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         "stage_seconds": {s: round(v, 3) for s, v in secs.items() if s in need},
         "adapter_attached": adapted,
         "settings": {"batch_size": batch_size, "pack": pack, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
-                     "sampler": {**skw, "cfg_interval": list(sampler.cfg_interval)},
+                     "sampler": {**skw, "cfg_interval": list(sampler.cfg_interval),
+                                 **({"cfg_plan_scale": plan_scale} if "plan-guided" in modes else {})},
                      "text": {"max_plan_tokens": ts.max_plan_tokens, "max_reflect_tokens": ts.max_reflect_tokens}},
         "detector": type(detector if detector is not None else default_detector()).__name__,
         "prompts": rows,

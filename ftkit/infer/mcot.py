@@ -18,6 +18,8 @@ Guidance follows upstream's interleaved inference (:class:`~ftkit.infer.context.
 text-CFG branch drops the text read since the last image (the prompt for the draft, so plain T2I
 guides against the empty context; the plan / reflection rides along only in the conditional
 branch, like upstream's "think" text), the image-CFG branch keeps the texts and drops the images.
+With ``SamplerSettings.cfg_plan_scale`` set, a fourth branch drops only the generated text since the
+last image (GoT's plan guidance; :mod:`ftkit.infer.sampler`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class SamplerSettings:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
+    cfg_plan_scale: float | None = None  # plan guidance (GoT; see ftkit.infer.sampler); None = off
 
     def kwargs(self) -> dict:
         d = asdict(self)
@@ -308,7 +311,7 @@ def run_mcot(model, tokenizer, prompt: str, *, rounds: int = 2, image_hw: tuple[
     out: list[Round] = []
     for k in range(rounds):
         lat = generate_image(model, gc.cond, gc.uncond_text, gc.uncond_img, hw=tuple(image_hw), generator=generator,
-                             **sampler.kwargs())
+                             ctx_uncond_plan=gc.uncond_plan, **sampler.kwargs())
         image = decode_image(model, lat, tuple(image_hw))
         gc.add_image(image, **img_kw)
         ids, refl_text = _decode(gc.cond, tx, ts.max_reflect_tokens, ts, generator)

@@ -20,6 +20,15 @@ guidance)::
 with norms over the whole token block ("global") or per token ("channel"); "text_channel"
 renormalises v_text per token before the image stage instead.
 
+Plan guidance (GoT's semantic-spatial multi-guidance, ``cfg_plan_scale`` ``s_plan``): with ``u_plan``
+the velocity of the context without the generated plan (the prompt only), the text stage becomes
+
+    v_text = u_text + s_text (u_plan - u_text) + s_plan (v - u_plan)
+
+(the prompt is guided against the empty context, the plan against the prompt alone, each with its own
+scale). ``s_plan = s_text`` gives back plain guidance exactly; ``s_plan = 1`` conditions on the plan
+without amplifying it. GoT's text-to-image scales are 7.5 (semantic) and 4.0 (spatial).
+
 Inpainting (``keep`` of :func:`generate_images`, FoX's region correction, the rectified-flow form of
 RePaint / SDEdit-style "replace the known part"): given a kept latent ``z`` (the draft's final tokens), a
 token mask ``m`` (1 = regenerate) and the starting noise ``eps`` (= x at t = 1), every state the sampler
@@ -113,15 +122,20 @@ def _renorm(v_ref: torch.Tensor, v: torch.Tensor, renorm_min: float, per_token: 
 
 def guide(v_cond: torch.Tensor, v_uncond_text: torch.Tensor, v_uncond_img: torch.Tensor | None = None, *,
           cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0, renorm_type: str = "global",
-          renorm_min: float = 0.0) -> torch.Tensor:
+          renorm_min: float = 0.0, v_uncond_plan: torch.Tensor | None = None,
+          cfg_plan_scale: float | None = None) -> torch.Tensor:
     """Upstream's two-stage guidance of one image's velocity block (see the module docstring).
 
-    ``v_uncond_img`` is used only when given and ``cfg_img_scale > 1``. Raises ValueError for an
-    unknown ``renorm_type``."""
+    ``v_uncond_img`` is used only when given and ``cfg_img_scale > 1``; ``v_uncond_plan`` only when
+    given with a ``cfg_plan_scale`` (plan guidance). Raises ValueError for an unknown ``renorm_type``."""
     if renorm_type not in RENORM_TYPES:
         raise ValueError(f"unknown cfg renorm type {renorm_type!r} (one of {', '.join(RENORM_TYPES)})")
     use_img = v_uncond_img is not None and cfg_img_scale > 1.0
-    v_text = v_uncond_text + cfg_text_scale * (v_cond - v_uncond_text)
+    if v_uncond_plan is not None and cfg_plan_scale is not None:
+        v_text = (v_uncond_text + cfg_text_scale * (v_uncond_plan - v_uncond_text)
+                  + cfg_plan_scale * (v_cond - v_uncond_plan))
+    else:
+        v_text = v_uncond_text + cfg_text_scale * (v_cond - v_uncond_text)
     if renorm_type == "text_channel":
         v_text = _renorm(v_cond, v_text, renorm_min, per_token=True)
         return v_uncond_img + cfg_img_scale * (v_text - v_uncond_img) if use_img else v_text
@@ -149,6 +163,8 @@ def generate_images(
     callback: Callable[[int, float, list[torch.Tensor]], None] | None = None,
     packed: bool | int = True,
     keep: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    uncond_plans: Sequence[Context | None] | None = None,
+    cfg_plan_scale: float | None = None,
 ) -> list[torch.Tensor]:
     """Sample one image per conditioning context, all of size ``hw`` = (H, W) pixels, batched: every
     Euler step runs all prompts and all their guidance branches in one decoder call.
@@ -168,6 +184,8 @@ def generate_images(
             per branch (attention cost stays per branch; better for large images); an int ``k`` packs the
             branches ``k`` at a time (the block-diagonal mask's attention grows with the square of the
             tokens packed, the per-call overhead falls with the number of calls: ``k`` balances the two).
+        uncond_plans: plan-guidance contexts (the context without the generated plan), used when
+            ``cfg_plan_scale`` is set (``None`` entries: no plan guidance for that image).
         keep: per image ``None`` or ``(z, mask)``: inpaint (module docstring): ``z`` ``[N, p*p*C]`` latent
             tokens to keep, ``mask`` ``[N]`` bool, True where the image is regenerated; outside the mask
             the state is ``(1 - t) z + t eps`` at every step (and ``z`` exactly at the end).
@@ -184,9 +202,10 @@ def generate_images(
         raise ValueError("generate_images needs at least one conditioning context")
     uncond_texts = list(uncond_texts) if uncond_texts is not None else [None] * B
     uncond_imgs = list(uncond_imgs) if uncond_imgs is not None else [None] * B
-    if len(uncond_texts) != B or len(uncond_imgs) != B:
-        raise ValueError(f"{B} conditional contexts but {len(uncond_texts)} text-uncond and {len(uncond_imgs)} "
-                         "image-uncond contexts")
+    uncond_plans = list(uncond_plans) if uncond_plans is not None else [None] * B
+    if len(uncond_texts) != B or len(uncond_imgs) != B or len(uncond_plans) != B:
+        raise ValueError(f"{B} conditional contexts but {len(uncond_texts)} text-uncond, {len(uncond_imgs)} "
+                         f"image-uncond and {len(uncond_plans)} plan-uncond contexts")
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2 (got {num_timesteps})")
     if cfg_renorm_type not in RENORM_TYPES:
@@ -217,13 +236,14 @@ def generate_images(
     lo, hi = cfg_interval
     use_img = cfg_img_scale > 1.0 and any(u is not None for u in uncond_imgs)
     img_rows = [j for j in range(B) if uncond_imgs[j] is not None] if use_img else []
-    all_ctxs = list(conds) + uncond_texts + [uncond_imgs[j] for j in img_rows]
+    plan_rows = [j for j in range(B) if uncond_plans[j] is not None] if cfg_plan_scale is not None else []
+    all_ctxs = list(conds) + uncond_texts + [uncond_imgs[j] for j in img_rows] + [uncond_plans[j] for j in plan_rows]
     merged: dict = {}  # caches concatenated once per branch set (and pack chunk), reused every step
     for i in range(num_timesteps - 1):
         t, dt = ts[i], ts[i] - ts[i + 1]
         guided = cfg_text_scale > 1.0 and lo < float(t) <= hi
         ctxs = all_ctxs if guided else list(conds)
-        xq = xs + xs + [xs[j] for j in img_rows] if guided else list(xs)
+        xq = xs + xs + [xs[j] for j in img_rows] + [xs[j] for j in plan_rows] if guided else list(xs)
         if packed is True or packed is False:
             if packed and guided not in merged:
                 merged[guided] = merge_caches([c.cache for c in ctxs])
@@ -240,8 +260,10 @@ def generate_images(
             v = vs[j]
             if guided:
                 u_img = vs[2 * B + img_rows.index(j)] if j in img_rows else None
+                u_plan = vs[2 * B + len(img_rows) + plan_rows.index(j)] if j in plan_rows else None
                 v = guide(v, vs[B + j], u_img, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
-                          renorm_type=cfg_renorm_type, renorm_min=cfg_renorm_min)
+                          renorm_type=cfg_renorm_type, renorm_min=cfg_renorm_min, v_uncond_plan=u_plan,
+                          cfg_plan_scale=cfg_plan_scale)
             new.append(xs[j] - v * dt)
         xs = new if keep is None else _paste(new, ts[i + 1])
         if callback is not None:
@@ -272,10 +294,12 @@ def generate_image(model, ctx_cond: Context, ctx_uncond_text: Context | None = N
                    timestep_shift: float = 3.0, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                    cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_type: str = "global",
                    cfg_renorm_min: float = 0.0, init_noise: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, packed: bool = True) -> torch.Tensor:
+                   generator: torch.Generator | None = None, packed: bool = True,
+                   ctx_uncond_plan: Context | None = None, cfg_plan_scale: float | None = None) -> torch.Tensor:
     """One image: :func:`generate_images` with a single prompt (upstream's ``gen_image`` math).
     Returns the final latent tokens ``[N, p*p*C]``."""
     return generate_images(model, [ctx_cond], [ctx_uncond_text], [ctx_uncond_img], hw=hw,
+                           uncond_plans=[ctx_uncond_plan], cfg_plan_scale=cfg_plan_scale,
                            num_timesteps=num_timesteps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
                            cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
                            cfg_renorm_min=cfg_renorm_min, init_noise=None if init_noise is None else [init_noise],

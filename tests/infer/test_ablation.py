@@ -190,7 +190,11 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
     assert res["reflection"]["always_revise_accuracy"] == 1.0
     assert set(res["seconds_per_prompt"]) == set(ALL_ABLATION_MODES)
     assert all(v > 0 for v in res["seconds_per_prompt"].values())
-    assert set(res["differences"]) == {"mcot - t2i-twice", "plan-act - t2i-twice", "mcot - plan-act"}
+    assert set(res["differences"]) == {"mcot - t2i-twice", "plan-act - t2i-twice", "mcot - plan-act",
+                                       "plan-guided - plan-act"}
+    # plan guidance (scale 2 against text scale 4) changes the image drawn from the same plan and noise
+    assert res["settings"]["sampler"]["cfg_plan_scale"] == 2.0
+    assert any(not np.array_equal(a, b) for a, b in zip(img["plan-guided"], img["plan-act"]))
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["scores"] == res["scores"] and saved["n"] == 4
     md = (out / "ablation.md").read_text()
@@ -243,6 +247,11 @@ def test_eval_shapes_ablation_cli(fixture_dir, tmp_path, capsys):
     res = json.loads((out / "ablation.json").read_text())
     assert res["n"] == 3 and res["modes"] == ["t2i", "t2i-twice", "plan-act", "mcot"] and res["data"] == str(folder)
     assert "| mcot |" in capsys.readouterr().out and (out / "ablation.md").is_file()
+    rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--size", "32",
+                    "--steps", "3", "--max-new-tokens", "4", "--n", "1", "--out", str(tmp_path / "pg"),
+                    "--ablation-modes", "plan-guided", "--cfg-plan", "3"])
+    res = json.loads((tmp_path / "pg" / "ablation.json").read_text())
+    assert rc == 0 and res["settings"]["sampler"]["cfg_plan_scale"] == 3.0 and res["seconds_per_prompt"]["plan-guided"] > 0
     rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--batch", "0",
                     "--out", str(tmp_path / "bad")])
     assert rc == 1 and "batch_size" in capsys.readouterr().err

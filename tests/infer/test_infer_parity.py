@@ -14,7 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from ftkit.data.packer import pack
-from ftkit.infer.context import Context, forward_blocks, image_block, prefill_texts, text_block
+from ftkit.infer.context import (
+    Context,
+    GuidanceContexts,
+    forward_blocks,
+    image_block,
+    prefill_texts,
+    text_block,
+)
 from ftkit.infer.sampler import (
     decode_latent,
     generate_image,
@@ -300,3 +307,32 @@ def test_vae_image_from_pixels_matches_given_latent(fx):
         for (k, v), (rk, rv) in zip(a.cache, b.cache):
             close(k, rk, 1e-6)
             close(v, rv, 1e-6)
+
+
+def test_plan_guidance(fx):
+    """GoT's plan guidance: v = u_text + s_text (u_plan - u_text) + s_plan (v - u_plan)."""
+    model, inputs, _, meta = fx
+    hw = tuple(meta["inference_t2i"]["image_hw"])
+    gc = GuidanceContexts(model).add_user_text(meta["inference_t2i"]["prompt_ids"])
+    assert gc.uncond_plan is None
+    prompt_len = gc.cond.length
+    gc.add_generated_text([7, 8, 9]).add_generated_text([10])
+    assert gc.uncond_plan.length == prompt_len  # the context before everything generated since the last image
+    kw = dict(hw=hw, num_timesteps=4, cfg_interval=(0.0, 1.0), cfg_text_scale=4.0,
+              init_noise=[inputs["t2i_full_init_noise"]])
+    plain = generate_images(model, [gc.cond], [gc.uncond_text], **kw)[0]
+    for scale, same in ((4.0, True), (1.0, False), (8.0, False)):  # the plan scale = the text scale: plain guidance
+        got = generate_images(model, [gc.cond], [gc.uncond_text], uncond_plans=[gc.uncond_plan],
+                              cfg_plan_scale=scale, **kw)[0]
+        assert (maxabs(got, plain) <= 1e-5) == same, scale
+    # no plan in the context (the plan branch is the conditional one): any plan scale is plain guidance
+    t2i = GuidanceContexts(model).add_user_text(meta["inference_t2i"]["prompt_ids"])
+    base = generate_images(model, [t2i.cond], [t2i.uncond_text], **kw)[0]
+    close(generate_images(model, [t2i.cond], [t2i.uncond_text], uncond_plans=[t2i.cond.copy()], cfg_plan_scale=1.0,
+                          **kw)[0], base, 1e-5)
+    # without a scale the plan branch is ignored; an image resets it
+    close(generate_images(model, [gc.cond], [gc.uncond_text], uncond_plans=[gc.uncond_plan], **kw)[0], plain, 0)
+    x = torch.rand(hw[0], hw[1], 3)
+    from PIL import Image
+    gc.add_image(Image.fromarray((x.numpy() * 255).astype("uint8")), vit=False)
+    assert gc.uncond_plan is None
