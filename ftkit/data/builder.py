@@ -207,20 +207,30 @@ def build_segments(record: StepRecord, tokenize: Callable[[str], list[int]], cfg
 
 
 def apply_cfg_dropout(segments: Sequence[Segment], text: float = 0.1, vit: float = 0.3, vae: float = 0.3,
-                      generator: torch.Generator | None = None) -> list[Segment]:
+                      plan: float = 0.0, generator: torch.Generator | None = None) -> list[Segment]:
     """Classifier-free-guidance dropout: each CONTEXT segment without loss is marked ``dropped`` with
     probability ``text`` (TEXT), ``vit`` (VIT_IMAGE) or ``vae`` (VAE_CLEAN), independently. A dropped
     segment emits no tokens (a dropped image still advances the RoPE position; see the packer).
-    Returns new segments; the input list is not modified. Loss targets are never dropped."""
+    With probability ``plan`` the sample's plan is dropped too, loss and all, when a supervised image
+    follows it (GoT's spatial-condition dropout: the image is then learned from the prompt alone, the
+    context of plan guidance's extra branch); otherwise loss targets are never dropped.
+    Returns new segments; the input list is not modified."""
     rates = {Kind.TEXT: text, Kind.VIT_IMAGE: vit, Kind.VAE_CLEAN: vae}
-    for k, p in rates.items():
+    for name, p in (*((k.value, p) for k, p in rates.items()), ("plan", plan)):
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout rate for {k.value} must be in [0, 1], got {p}")
+            raise ValueError(f"dropout rate for {name} must be in [0, 1], got {p}")
+    drop_plan = False
+    if plan > 0:
+        plans = [i for i, s in enumerate(segments) if s.step == Step.PLAN and s.kind == Kind.TEXT]
+        if plans and any(s.kind == Kind.VAE_NOISY for s in segments[plans[0] + 1:]):
+            drop_plan = float(torch.rand((), generator=generator)) < plan
     out = []
     for seg in segments:
         p = rates.get(seg.kind, 0.0)
         if seg.step == Step.CONTEXT and not seg.loss and p > 0:
             if float(torch.rand((), generator=generator)) < p:
                 seg = replace(seg, dropped=True)
+        elif drop_plan and seg.step == Step.PLAN and seg.kind == Kind.TEXT:
+            seg = replace(seg, dropped=True)
         out.append(seg)
     return out

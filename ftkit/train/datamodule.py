@@ -143,7 +143,9 @@ class MCoTDataModule(L.LightningDataModule):
         token_budget: tokens per packed batch (per device).
         max_samples_per_batch: cap on samples per pack (0 = no cap).
         vae_image_size / vit_image_size: image sides fed to the VAE (multiple of 16) and ViT (of 14).
-        cfg_dropout: (text, vit, vae) context dropout, upstream's (0.1, 0.3, 0.3); ``null`` disables.
+        cfg_dropout: (text, vit, vae[, plan]) dropout rates, upstream's (0.1, 0.3, 0.3); a fourth rate drops
+            the plan before a supervised image (GoT's spatial-condition dropout, 0.05 there; see
+            :func:`~ftkit.data.builder.apply_cfg_dropout`); ``null`` disables.
         skip_invalid: drop invalid records instead of refusing the dataset (default: each registry
             entry's own ``skip_invalid``). Records are checked at set-up with ``ftkit data validate``'s
             checks (schema, paths, images, duplicate ids), plus one of the data module's own: a record
@@ -175,7 +177,7 @@ class MCoTDataModule(L.LightningDataModule):
         vae_image_size: int = 64,
         vit_image_size: int = 56,
         vit_context_for_generated: bool = True,
-        cfg_dropout: tuple[float, float, float] | None = (0.1, 0.3, 0.3),
+        cfg_dropout: tuple[float, ...] | None = (0.1, 0.3, 0.3),
         skip_invalid: bool = False,
         skipped_dir: str | None = None,
         min_image_size: int = 16,
@@ -191,6 +193,8 @@ class MCoTDataModule(L.LightningDataModule):
         self.vae_image_size, self.vit_image_size = vae_image_size, vit_image_size
         self.vit_context_for_generated = vit_context_for_generated
         self.cfg_dropout = tuple(cfg_dropout) if cfg_dropout else None
+        if self.cfg_dropout is not None and len(self.cfg_dropout) not in (3, 4):
+            raise ValueError(f"data.cfg_dropout takes 3 or 4 rates (text, vit, vae[, plan]), got {list(cfg_dropout)}")
         self.skip_invalid, self.val_dataset = skip_invalid, val_dataset
         self.skipped_dir, self.min_image_size = skipped_dir, min_image_size
         self.num_workers, self.seed = num_workers, seed

@@ -215,3 +215,22 @@ def test_cfg_dropout(images, tokenize):
     n = 3000
     rates = torch.tensor([[s.dropped for s in apply_cfg_dropout(segs[:3], generator=g)] for _ in range(n)]).float().mean(0)
     assert abs(rates[0] - 0.3) < 0.04 and abs(rates[1] - 0.3) < 0.04 and abs(rates[2] - 0.1) < 0.03
+
+
+def test_plan_dropout(images, tokenize):
+    segs = build_segments(make(images, [PLAN, DRAFT]), tokenize, CFG)
+    kept = pack([segs], PACK)
+    gone = apply_cfg_dropout(segs, 0.0, 0.0, 0.0, plan=1.0)
+    assert [s.dropped for s in gone] == [s.step == Step.PLAN for s in segs]
+    dropped = pack([gone], PACK)
+    assert dropped.ce_labels.numel() < kept.ce_labels.numel()  # the plan's CE goes with it
+    # the image is then read after the prompt alone, at the position it takes at inference without a plan
+    noplan = pack([build_segments(make(images, [DRAFT]), tokenize, CFG)], PACK)
+    assert dropped.sequence_length == noplan.sequence_length
+    assert torch.equal(dropped.position_ids, noplan.position_ids)
+    # a plan that no supervised image follows (grounded captioning) is never dropped: it is the only target
+    cap = build_segments(make(images, [PLAN]), tokenize, CFG)
+    assert not any(s.dropped for s in apply_cfg_dropout(cap, 0.0, 0.0, 0.0, plan=1.0))
+    assert not any(s.dropped for s in apply_cfg_dropout(segs, 0.0, 0.0, 0.0, plan=0.0))
+    with pytest.raises(ValueError, match="plan"):
+        apply_cfg_dropout(segs, plan=1.5)
