@@ -56,6 +56,8 @@ class MCoTModule(L.LightningModule):
         three_experts: upcycle BAGEL's understanding expert into linguistic + semantic.
         adapter: :class:`~ftkit.adapters.config.AdapterConfig` (method, preset, r, alpha, ...); ``null`` with
             ``full_finetune: true`` trains all decoder/connector weights instead.
+        init_adapter: an adapter folder to continue (a second round on self-critique data): loaded with
+            its own saved config, which replaces ``adapter``'s, and trained further.
         loss: :class:`~ftkit.train.losses.LossWeights` (ce, mse, steps: {plan: 1, ...}, spatial, kl_prior, semantic).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warm-up then cosine decay.
         timestep_shift: training timestep shift s (t' = s t / (1 + (s-1) t)); upstream trains with 1.0
@@ -99,6 +101,7 @@ class MCoTModule(L.LightningModule):
         seed: int = 0,
         nonfinite: str = "stop",
         max_skipped: int = 10,
+        init_adapter: str | None = None,
     ):
         super().__init__()
         adapter, loss, tiny = _typed(AdapterConfig, adapter), _typed(LossWeights, loss), _typed(TinyBackbone, tiny)
@@ -152,7 +155,17 @@ class MCoTModule(L.LightningModule):
             model = load_fox(path, dtype=dtype, device=device, quantize=hp.quantize)
         else:
             raise ValueError(f"unknown backbone {hp.backbone!r} (bagel | fox)")
-        if self.adapter_cfg is not None:
+        if hp.init_adapter:
+            from ftkit.adapters.attach import adapter_config_of
+            from ftkit.adapters.io import load_adapter
+
+            if self.adapter_cfg is None:
+                raise ValueError("model.init_adapter continues an adapter: set model.adapter as well (the saved "
+                                 "config replaces it), not full_finetune")
+            load_adapter(model, hp.init_adapter)
+            self.adapter_cfg = adapter_config_of(model)
+            log.info("continuing the adapter in %s", hp.init_adapter)
+        elif self.adapter_cfg is not None:
             attach_adapters(model, self.adapter_cfg)
         else:
             for n, p in model.named_parameters():

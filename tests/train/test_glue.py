@@ -198,3 +198,24 @@ def test_validator_rejects_inverted_boxes(tmp_path, where, box):
     assert box_problem(box) is not None and box_problem(good) is None
     with pytest.raises(FtkitError, match=field.replace("[", r"\[").replace("]", r"\]")):
         StepRecord.from_dict(rec, source=f, index=0)
+
+
+def test_init_adapter_continues_a_saved_adapter(module, fixture_dir, tmp_path):
+    """A second round starts from the first round's adapter: same weights, trainable, with its saved config
+    (which replaces the recipe's)."""
+    from ftkit.adapters.io import save_adapter
+    from ftkit.train.module import MCoTModule
+
+    save_adapter(module.model, None, tmp_path / "round1", base_path=str(fixture_dir))
+    m2 = MCoTModule(model_path=str(fixture_dir), dtype="fp32", kernels="torch", attn_impl="sdpa",
+                    adapter={"method": "lora", "preset": "generative", "r": 2, "alpha": 2},
+                    init_adapter=str(tmp_path / "round1"))
+    m2.configure_model()
+    assert m2.adapter_cfg.r == 4 and m2.adapter_cfg.preset == "all-experts"
+    saved = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    now = {n: p for n, p in m2.model.named_parameters() if p.requires_grad}
+    assert saved.keys() == now.keys() and any("lora_B" in n for n in now)
+    for n, p in now.items():
+        torch.testing.assert_close(p, saved[n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init_adapter"):
+        MCoTModule(model_path=str(fixture_dir), full_finetune=True, init_adapter=str(tmp_path / "round1")).configure_model()

@@ -1,0 +1,73 @@
+"""ftkit data self-critique: the shapes judge on rendered images, and the loop end to end on a tiny model."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from ftkit.data.dataset import load_records
+from ftkit.data.shapes import generate
+from ftkit.infer.selfcritique import Critique, load_judge, shapes_judge
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sc") / "set"
+    generate(out, 12, seed=5, size=64, progress=False)
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    return out, recs
+
+
+def test_shapes_judge_ok_on_correct_renders_and_names_the_conflict(shapes):
+    root, recs = shapes
+    judge = shapes_judge(root)
+    for r in recs:  # the record's correct image (its refinement, or its draft when correct) passes
+        with Image.open(root / [s for s in r["steps"] if s.get("image")][-1]["image"]) as im:
+            c = judge(im.convert("RGB"), r, None)
+        assert c.verdict == "ok" and not c.regions and c.target is None, r["id"]
+    blank = Image.new("RGB", (64, 64), (200, 200, 200))
+    c = judge(blank, recs[0], None)
+    assert c.verdict == "revise" and c.regions and all(g["kind"] == "missing" for g in c.regions)
+    assert "Expected" in c.critique and c.target is not None and c.target.size == (64, 64)
+    assert load_judge("shapes", root) is not None
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        load_judge("nonsense")
+
+
+def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes, fixture_dir, tmp_path, capsys):
+    from ftkit.data.cli import main
+
+    root, _ = shapes
+    out = tmp_path / "round2"
+    rc = main(["self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"), "--n", "3",
+               "--steps", "3", "--size", "32", "--batch", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    recs = list(load_records(str(out / "records.jsonl")))  # validates schema and images
+    reflect = [r for r in recs if r.id.endswith("#self-reflect")]
+    assert len(reflect) == 3 == summary["ok"] + summary["revise"]
+    assert [r.steps[-1].verdict for r in reflect] == summary["verdicts"]
+    assert summary["corrections"] == summary["revise"] == sum(r.id.endswith("#self-correct") for r in recs)
+    assert all(r.supervise == ("reflect",) for r in reflect)
+    assert "3 prompts" in capsys.readouterr().out
+    assert main(["self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"),
+                 "--out", str(out)]) == 2  # not empty, no --overwrite
+
+
+def test_custom_judge_can_skip(shapes, fixture_dir, tmp_path):
+    from ftkit.infer.load import load_for_inference
+    from ftkit.infer.mcot import SamplerSettings
+    from ftkit.infer.selfcritique import self_critique
+
+    root, recs = shapes
+    model, tok = load_for_inference(str(fixture_dir), None)
+    calls = []
+
+    def judge(image, record, plan):
+        calls.append(record["id"])
+        return None if len(calls) == 1 else Critique("ok", "fine")
+
+    (tmp_path / "o").mkdir()
+    s = self_critique(model, tok, recs[:2], judge, tmp_path / "o", batch_size=2, image_hw=(32, 32),
+                      sampler=SamplerSettings(num_timesteps=2), progress=False)
+    assert calls == [recs[0]["id"], recs[1]["id"]] and s["skipped"] == 1 and s["records"] == 1
