@@ -18,6 +18,11 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval": ("ftkit.infer.cli", "eval_main", "shapes-world evaluation of a model (+ adapter)"),
 }
 
+# "VERB SUBVERB" handled outside the verb's own module (which may not import its dependencies)
+SUBVERBS: dict[tuple[str, str], tuple[str, str]] = {
+    ("data", "self-critique"): ("ftkit.infer.cli", "self_critique_main"),
+}
+
 
 def _usage() -> str:
     lines = ["usage: ftkit VERB [options]   (ftkit VERB --help for details; ftkit --version)", "", "verbs:"]
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftkit: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = VERBS[verb]
+    if rest and (verb, rest[0]) in SUBVERBS:
+        (module, func), rest = SUBVERBS[verb, rest[0]], rest[1:]
     from ftkit.errors import FtkitError
 
     try:

@@ -4,8 +4,7 @@
     ftkit data preview NAME|PATH --out FILE.png [--n 8] [--format F] [--registry FILE]
     ftkit data list [--registry FILE]
     ftkit data shapes --out DIR --n N --seed S [--size 64]     (ftkit.data.shapes)
-    ftkit data self-critique --model M [--adapter A] --prompts RECORDS.jsonl [--judge shapes|MODULE:FN] --out DIR
-                                                               (ftkit.infer.selfcritique)
+    ftkit data self-critique ...   (parsed and run by ftkit.infer.cli.self_critique_main; routed by ftkit.cli)
 
 Exit status: 0 on success, 1 when ``validate`` finds bad records, 2 on usage / lookup errors.
 """
@@ -46,56 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("shapes", help="generate shapes-world records (ftkit data shapes --help)", add_help=False)
 
-    sc = sub.add_parser("self-critique", help="the model's own drafts, judged, as reflection / correction records")
-    sc.add_argument("--model", required=True, help="base model folder")
-    sc.add_argument("--adapter", default=None, help="adapter folder (the round being improved)")
-    sc.add_argument("--prompts", required=True, help="records.jsonl whose records carry GenEval meta (shapes world)")
-    sc.add_argument("--judge", default="shapes", help="shapes (default) or MODULE:FUNCTION (ftkit.infer.selfcritique)")
-    sc.add_argument("--out", required=True, help="output folder (records.jsonl, images/, summary.json)")
-    sc.add_argument("--n", type=int, default=None, help="first N prompts, balanced over categories (default all)")
-    sc.add_argument("--batch", type=int, default=16, help="prompts per sampler call")
-    sc.add_argument("--steps", type=int, default=50, help="Euler steps of the flow sampler")
-    sc.add_argument("--size", type=int, default=64, help="image side in pixels")
-    sc.add_argument("--seed", type=int, default=0, help="prompt i draws its noise from seed + i")
-    sc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    sc.add_argument("--no-progress", action="store_true")
+    sub.add_parser("self-critique", help="the model's own drafts, judged, as reflection / correction records "
+                   "(ftkit data self-critique --help; ftkit.infer.selfcritique)", add_help=False)
     return p
-
-
-def _self_critique(args) -> int:
-    import json
-    from pathlib import Path
-
-    from ftkit.infer.cli import check_finite, check_out_dir
-    from ftkit.infer.evaluate import balanced_subset
-    from ftkit.infer.load import load_for_inference
-    from ftkit.infer.mcot import SamplerSettings
-    from ftkit.infer.selfcritique import load_judge, self_critique
-    from ftkit.models.release import atomic_dir
-
-    out = check_out_dir(args.out, args.overwrite)
-    src = Path(args.prompts)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: prompts file not found")
-    records = []
-    for ln, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{src}:line {ln}: not JSON ({e.msg})") from e
-    if args.n is not None:
-        records = balanced_subset(records, args.n)
-    judge = load_judge(args.judge, root=src.parent)
-    model, tok = load_for_inference(args.model, args.adapter)
-    check_finite(model, args.adapter or args.model)
-    with atomic_dir(out, overwrite=True) as tmp:
-        summary = self_critique(model, tok, records, judge, tmp, batch_size=args.batch, image_hw=(args.size, args.size),
-                                sampler=SamplerSettings(num_timesteps=args.steps), seed=args.seed,
-                                progress=not args.no_progress)
-    print(f"{summary['prompts']} prompts: drafts ok {summary['ok']}, revise {summary['revise']}, skipped "
-          f"{summary['skipped']}; wrote {summary['records']} records ({summary['corrections']} corrections) to {out}")
-    return 0
 
 
 def _validate(args) -> int:
@@ -162,10 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.verb == "preview":
             return _preview(args)
-        if args.verb == "self-critique":
-            return _self_critique(args)
         return _list(args)
-    except (FtkitError, UnknownDatasetError, RegistryError, FileNotFoundError, FileExistsError) as e:
+    except (FtkitError, UnknownDatasetError, RegistryError, FileNotFoundError) as e:
         print(f"ftkit data {args.verb}: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # e.g. InvalidDatasetError, unreadable file type

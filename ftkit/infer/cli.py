@@ -352,4 +352,55 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["build_eval_parser", "build_generate_parser", "check_out_dir", "eval_main", "generate_main",
-           "load_detector"]
+           "load_detector", "self_critique_main"]
+
+
+def self_critique_main(argv: list[str]) -> int:
+    """``ftkit data self-critique``: the model's own plan-act drafts, judged, written as records
+    (:mod:`ftkit.infer.selfcritique`). Exit 0, 1 on bad input (one line naming the file / field)."""
+    from ftkit.infer.evaluate import balanced_subset
+    from ftkit.infer.mcot import SamplerSettings
+    from ftkit.infer.selfcritique import load_judge, self_critique
+    from ftkit.models.release import atomic_dir
+
+    ap = argparse.ArgumentParser(prog="ftkit data self-critique",
+                                 description="the model's own drafts, judged, as reflection / correction records")
+    ap.add_argument("--model", required=True, help="base model folder")
+    ap.add_argument("--adapter", default=None, help="adapter folder (the round being improved)")
+    ap.add_argument("--prompts", required=True, help="records.jsonl whose records carry GenEval meta (shapes world)")
+    ap.add_argument("--judge", default="shapes", help="shapes (default) or MODULE:FUNCTION (ftkit.infer.selfcritique)")
+    ap.add_argument("--out", required=True, help="output folder (records.jsonl, images/, summary.json)")
+    ap.add_argument("--n", type=int, default=None, help="N prompts, balanced over categories (default all)")
+    ap.add_argument("--batch", type=int, default=16, help="prompts per sampler call")
+    ap.add_argument("--steps", type=int, default=50, help="Euler steps of the flow sampler")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--seed", type=int, default=0, help="prompt i draws its noise from seed + i")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        out = check_out_dir(a.out, a.overwrite)
+        src = Path(a.prompts)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: prompts file not found")
+        records = []
+        for ln, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{src}:line {ln}: not JSON ({e.msg})") from e
+        if a.n is not None:
+            records = balanced_subset(records, a.n)
+        judge = load_judge(a.judge, root=src.parent)
+        model, tok = load_for_inference(a.model, a.adapter)
+        check_finite(model, a.adapter or a.model)
+        with atomic_dir(out, overwrite=True) as tmp:
+            s = self_critique(model, tok, records, judge, tmp, batch_size=a.batch, image_hw=(a.size, a.size),
+                              sampler=SamplerSettings(num_timesteps=a.steps), seed=a.seed, progress=not a.no_progress)
+    except _errors() as e:
+        print(f"ftkit data self-critique: error: {_fmt_err(e)}", file=sys.stderr)
+        return 1
+    print(f"{s['prompts']} prompts: drafts ok {s['ok']}, revise {s['revise']}, skipped {s['skipped']}; "
+          f"wrote {s['records']} records ({s['corrections']} corrections) to {out}")
+    return 0

@@ -35,11 +35,11 @@ def test_shapes_judge_ok_on_correct_renders_and_names_the_conflict(shapes):
 
 
 def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes, fixture_dir, tmp_path, capsys):
-    from ftkit.data.cli import main
+    from ftkit.cli import main
 
     root, _ = shapes
     out = tmp_path / "round2"
-    rc = main(["self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"), "--n", "3",
+    rc = main(["data", "self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"), "--n", "3",
                "--steps", "3", "--size", "32", "--batch", "2", "--out", str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -50,8 +50,9 @@ def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes
     assert summary["corrections"] == summary["revise"] == sum(r.id.endswith("#self-correct") for r in recs)
     assert all(r.supervise == ("reflect",) for r in reflect)
     assert "3 prompts" in capsys.readouterr().out
-    assert main(["self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"),
-                 "--out", str(out)]) == 2  # not empty, no --overwrite
+    assert main(["data", "self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"),
+                 "--out", str(out)]) == 1  # not empty, no --overwrite
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_custom_judge_can_skip(shapes, fixture_dir, tmp_path):

@@ -25,6 +25,6 @@ def test_shipped_backbone_loads_strictly_with_finite_weights():
     tok = load_tokenizer(SHIPPED)
     assert tok.encode("a photo of a red circle")
     n = sum(p.numel() for p in model.parameters())
-    assert 1e6 < n < 5e6, n
+    assert 1e6 < n < 8e6, n
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
