@@ -268,17 +268,10 @@ def load_detector(spec: str):
     Raises:
         ValueError: malformed spec, import failure, or the object has no ``detect`` method.
     """
-    import importlib
-
     from ftkit.data.geneval import Detector
+    from ftkit.infer.load import import_spec
 
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(f"--detector {spec!r}: expected MODULE:CALLABLE (e.g. mypkg.det:make_detector)")
-    try:
-        factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--detector {spec!r}: cannot import ({type(e).__name__}: {e})") from e
+    factory = import_spec(spec, "--detector", "MODULE:CALLABLE (e.g. mypkg.det:make_detector)")
     det = factory
     if callable(factory) and not isinstance(factory, Detector):
         try:

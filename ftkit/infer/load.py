@@ -135,4 +135,21 @@ def check_finite(model, source) -> None:
                                   "from a diverged model")
 
 
-__all__ = ["check_finite", "load_for_inference", "resolve_device", "resolve_dtype"]
+__all__ = ["check_finite", "import_spec", "load_for_inference", "resolve_device", "resolve_dtype"]
+
+
+def import_spec(spec: str, option: str, expected: str) -> object:
+    """The object named by ``"package.module:attr"`` (a ``--detector`` / ``--judge`` style option).
+
+    Raises:
+        ValueError: naming ``option``: a malformed spec (saying ``expected``) or an import failure.
+    """
+    import importlib
+
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"{option} {spec!r}: expected {expected}")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{option} {spec!r}: cannot import ({type(e).__name__}: {e})") from e

@@ -94,15 +94,9 @@ def load_judge(spec: str, root: str | os.PathLike | None = None) -> Callable:
     callable. Raises ValueError for a malformed spec or an import failure."""
     if spec == "shapes":
         return shapes_judge(root)
-    import importlib
+    from ftkit.infer.load import import_spec
 
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(f"--judge {spec!r}: expected 'shapes' or MODULE:FUNCTION")
-    try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--judge {spec!r}: cannot import ({type(e).__name__}: {e})") from e
+    fn = import_spec(spec, "--judge", "'shapes' or MODULE:FUNCTION")
     if not callable(fn):
         raise ValueError(f"--judge {spec!r}: {type(fn).__name__} is not callable")
     return fn
