@@ -11,7 +11,8 @@ One record (one JSONL line, or one Parquet row with the same columns)::
        {"type": "reflect", "verdict": "ok" | "revise", "critique": "...",
         "regions": [{"box": [..], "label": "red circle", "kind": "missing"}], "mask": null | IMAGE},
        {"type": "refine", "image": IMAGE, "mode": "regenerate" | "inpaint" | "edit"}],
-     "supervise": ["plan", "draft", "reflect", "refine"]}   # optional, default: every type present
+     "supervise": ["plan", "draft", "reflect", "refine"],   # optional, default: every type present
+     "rejected": null | {"type": "reflect", ...}}           # optional: a preference pair (below)
 
 ``IMAGE`` is a path (relative to the record file's directory, or absolute), ``{"bytes_b64": ...}``
 (JSONL) or ``{"bytes": ..., "path": null}`` (Parquet, the ``datasets`` Image layout). Boxes are
@@ -24,6 +25,8 @@ Ordering rules checked by :meth:`StepRecord.from_dict`:
 * a ``refine`` needs a ``reflect`` with verdict ``revise`` before it, with no image step between
   them (a ``plan`` may sit between); an ``inpaint`` refine needs regions or a mask in that reflect;
 * ``supervise`` names only step types present in the record.
+* ``rejected`` (a reflect step) makes the record a preference pair for DPO: the record's last step is the
+  chosen reflection, ``rejected`` the dispreferred one on the same context; the last step must be a reflect.
 
 Parquet stores ``steps`` as a list of structs with the union of all step keys: keys that do not
 belong to a step type are accepted when their value is ``None``; any other unknown key is an error.
@@ -41,7 +44,7 @@ import io
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -286,7 +289,7 @@ _STEP_KEYS = {
     "reflect": {"type", "verdict", "critique", "regions", "mask"},
     "refine": {"type", "image", "mode"},
 }
-_RECORD_KEYS = {"id", "task", "prompt", "input_image", "meta", "steps", "supervise"}
+_RECORD_KEYS = {"id", "task", "prompt", "input_image", "meta", "steps", "supervise", "rejected"}
 
 
 class _Checker:
@@ -524,6 +527,7 @@ class StepRecord:
     input_image: ImageRef | None = None
     meta: dict = field(default_factory=dict)
     supervise: tuple[str, ...] | None = None
+    rejected: ReflectStep | None = None  # a preference pair's dispreferred reflection (the last step is chosen)
     source: str = ""
     index: int | str = -1
 
@@ -544,6 +548,8 @@ class StepRecord:
                 out.append((f"steps[{i}].image", s.image))
             elif isinstance(s, ReflectStep) and s.mask is not None:
                 out.append((f"steps[{i}].mask", s.mask))
+        if self.rejected is not None and self.rejected.mask is not None:
+            out.append(("rejected.mask", self.rejected.mask))
         return out
 
     @classmethod
@@ -620,10 +626,23 @@ class StepRecord:
                 if missing and all(s is not None for s in steps):
                     ck.add("supervise", f"names {missing} but the record has no such step")
                 supervise = tuple(dict.fromkeys(sup))
+        rejected = None
+        if d.get("rejected") is not None:
+            raw = d["rejected"]
+            if isinstance(raw, dict) and raw.get("type", "reflect") != "reflect":
+                ck.add("rejected.type", f"must be 'reflect', got {raw.get('type')!r}")
+            else:
+                n0 = len(ck.problems)
+                parsed = _parse_steps(ck, [{"type": "reflect", **raw} if isinstance(raw, dict) else raw], base)
+                ck.problems[n0:] = [replace(p, field=p.field.replace("steps[0]", "rejected", 1))
+                                    for p in ck.problems[n0:]]
+                rejected = parsed[0] if parsed and isinstance(parsed[0], ReflectStep) else None
+                if steps and steps[-1] is not None and not isinstance(steps[-1], ReflectStep):
+                    ck.add("rejected", "a preference pair needs a reflect as its last step (the chosen one)", ERR_ORDER)
         if ck.problems:
             raise RecordError.from_problems(ck.problems)
         return cls(id=rid, task=task, prompt=prompt, steps=steps, input_image=input_image, meta=meta,
-                   supervise=supervise, source=source, index=index)
+                   supervise=supervise, rejected=rejected, source=source, index=index)
 
     def to_dict(self, base_dir: str | os.PathLike | None = None, embed_images: bool = False) -> dict:
         """The JSONL form (inverse of :meth:`from_dict`); images as paths relative to ``base_dir`` or
@@ -631,6 +650,11 @@ class StepRecord:
 
         def img(r: ImageRef | None):
             return None if r is None else r.to_json(base_dir, embed_images)
+
+        def reflect(s: ReflectStep) -> dict:
+            return {"type": "reflect", "verdict": s.verdict, "critique": s.critique,
+                    "regions": [{"box": list(r.box), "label": r.label, "kind": r.kind} for r in s.regions],
+                    "mask": img(s.mask)}
 
         steps = []
         for s in self.steps:
@@ -640,13 +664,13 @@ class StepRecord:
             elif isinstance(s, DraftStep):
                 steps.append({"type": "draft", "image": img(s.image), "partial": s.partial})
             elif isinstance(s, ReflectStep):
-                steps.append({"type": "reflect", "verdict": s.verdict, "critique": s.critique,
-                              "regions": [{"box": list(r.box), "label": r.label, "kind": r.kind} for r in s.regions],
-                              "mask": img(s.mask)})
+                steps.append(reflect(s))
             else:
                 steps.append({"type": "refine", "image": img(s.image), "mode": s.mode})
         out = {"id": self.id, "task": self.task, "prompt": self.prompt, "input_image": img(self.input_image),
                "meta": self.meta, "steps": steps}
         if self.supervise is not None:
             out["supervise"] = list(self.supervise)
+        if self.rejected is not None:
+            out["rejected"] = reflect(self.rejected)
         return out

@@ -368,6 +368,10 @@ def self_critique_main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=50, help="Euler steps of the flow sampler")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0, help="prompt i draws its noise from seed + i")
+    ap.add_argument("--rejected", choices=("own", "flip"), default="own",
+                    help="each reflection record's rejected one (DPO pairs): the model's own reflection where its "
+                         "verdict is wrong, else the judge's flipped (own, default; decodes a reflection per draft), "
+                         "or always the flipped one (flip)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -390,10 +394,14 @@ def self_critique_main(argv: list[str]) -> int:
         check_finite(model, a.adapter or a.model)
         with atomic_dir(out, overwrite=True) as tmp:
             s = self_critique(model, tok, records, judge, tmp, batch_size=a.batch, image_hw=(a.size, a.size),
-                              sampler=SamplerSettings(num_timesteps=a.steps), seed=a.seed, progress=not a.no_progress)
+                              sampler=SamplerSettings(num_timesteps=a.steps), seed=a.seed, progress=not a.no_progress,
+                              rejected=a.rejected)
     except _errors() as e:
         print(f"ftkit data self-critique: error: {_fmt_err(e)}", file=sys.stderr)
         return 1
     print(f"{s['prompts']} prompts: drafts ok {s['ok']}, revise {s['revise']}, skipped {s['skipped']}; "
           f"wrote {s['records']} records ({s['corrections']} corrections) to {out}")
+    if s["own_verdict_accuracy"] is not None:
+        print(f"the model's own verdicts agree with the judge on {s['own_verdict_accuracy']:.3f} of the drafts; "
+              f"rejected reflections: {s['rejected_own']} its own, {s['rejected_flipped']} flipped")
     return 0

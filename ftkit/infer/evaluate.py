@@ -420,7 +420,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                  batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None, seed: int = 0,
                  detector: Detector | None = None, color_fn=None, out_dir: str | os.PathLike | None = None,
                  n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24,
-                 pack_tokens: int = 256) -> dict:
+                 pack_tokens: int = 256, reflect: bool = False) -> dict:
     """FoX's ablation on the same prompts, batched (``batch_size`` prompts per sampler / decoder call).
 
     Modes (record ``i`` draws its starting noises ``eps1, eps2`` from ``Generator(seed + i)``, shared by
@@ -439,6 +439,9 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     * ``plan-guided``: the ``plan-act`` image (same plan, same ``eps1``) sampled with plan guidance
       (GoT; ``sampler.cfg_plan_scale``, default :data:`PLAN_GUIDANCE_SCALE`): a fourth branch without the
       plan, so the plan is guided against the prompt alone.
+
+    ``reflect``: also reflect on the ``plan-act`` drafts (rows get ``reflection``, the result its quality)
+    without correcting them, when no mode needs it (``ftkit data self-critique`` keeps the model's own critiques).
 
     Stages shared by modes are computed once (``t2i`` is the first image of ``t2i-twice``, ``plan-act``
     the draft of ``mcot``); a mode's seconds per prompt add up the stages it needs.
@@ -482,7 +485,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     vit_hw = default_vit_hw(model, hw)
     tx = _Text(model, tokenizer)
     adapted = has_adapters(model)
-    need = {s for m in modes for s in _STAGES[m]}
+    need = {s for m in modes for s in _STAGES[m]} | ({"plan", "draft", "reflect"} if reflect else set())
     secs = {s: 0.0 for s in ("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen", "guided")}
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:

@@ -7,6 +7,10 @@ records (FoX's separate tasks), ready for a second round of training:
 
 * ``<id>#self-reflect``: ``[plan (the model's own text), draft (its image), reflect (the judge's)]``,
   ``supervise: [reflect]``: reflections of the model's own outputs, correct drafts with verdict ``ok``;
+  Each also carries ``rejected`` (a preference pair for DPO, :mod:`ftkit.data.preference`): with
+  ``rejected="own"`` the model's own reflection on its draft where its verdict disagrees with the judge's,
+  else (and with ``rejected="flip"``) the judge's with its verdict flipped
+  (:func:`~ftkit.data.preference.flipped_reflection`);
 * ``<id>#self-correct`` (drafts judged ``revise`` when the judge supplies a target image):
   ``[plan, draft, reflect, refine (target, regenerate)]``, ``supervise: [refine]``.
 
@@ -104,20 +108,29 @@ def load_judge(spec: str, root: str | os.PathLike | None = None) -> Callable:
 
 def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable, out_dir: str | os.PathLike, *,
                   batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None,
-                  seed: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, progress: bool = True, rejected: str = "own") -> dict:
     """Sample plan + draft for every record, judge each draft, write the records (module docstring) and their
     images into the existing, empty folder ``out_dir`` (``records.jsonl``, ``images/``, ``summary.json``).
 
+    ``rejected``: ``"own"`` also decodes the model's reflection on each draft (module docstring; the summary
+    then has ``own_verdict_accuracy``, the model's verdicts against the judge's, unparsed ones wrong), ``"flip"``
+    does not.
+
     Returns the summary: prompts, drafts judged ok / revise, records written, skipped prompts, the
-    verdict of every draft in order."""
-    from ftkit.data.serialize import ParseError, parse_plan
+    verdict of every draft in order, how many rejected reflections are the model's own."""
+    from ftkit.data.preference import flipped_reflection
+    from ftkit.data.schema import StepRecord
+    from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
     from ftkit.infer.evaluate import run_ablation
 
+    if rejected not in ("own", "flip"):
+        raise ValueError(f"rejected {rejected!r}: choose own or flip")
     out = Path(out_dir)
     res = run_ablation(model, tokenizer, records, modes=("plan-act",), batch_size=batch_size, image_hw=image_hw,
-                       sampler=sampler, text=text, seed=seed, out_dir=out / "sampled", n_boot=10, progress=progress)
+                       sampler=sampler, text=text, seed=seed, out_dir=out / "sampled", n_boot=10, progress=progress,
+                       reflect=rejected == "own")
     (out / "images").mkdir(exist_ok=True)
-    lines, verdicts, skipped = [], [], 0
+    lines, verdicts, skipped, own, agree = [], [], 0, 0, []
     for rec, row in zip(records, res["prompts"]):
         src = out / "sampled" / row["plan-act"]["image"]
         with Image.open(src) as im:
@@ -145,8 +158,22 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
         meta = {k: v for k, v in dict(rec.get("meta") or {}).items() if k != "error"}  # the source draft's error
         meta["self_critique"] = {"verdict": c.verdict, "seed": seed + row["index"]}
         steps = [plan_step, {"type": "draft", "image": draft_path, "partial": False}, reflect]
-        lines.append({"id": f"{row['id']}#self-reflect", "task": "t2i", "prompt": rec["prompt"], "input_image": None,
-                      "meta": meta, "steps": steps, "supervise": ["reflect"]})
+        line = {"id": f"{row['id']}#self-reflect", "task": "t2i", "prompt": rec["prompt"], "input_image": None,
+                "meta": meta, "steps": steps, "supervise": ["reflect"]}
+        mine = None
+        if rejected == "own":
+            try:
+                mine = parse_reflection(row["reflection"]["text"])
+            except ParseError:
+                mine = None
+            agree.append(mine is not None and mine.verdict == c.verdict)
+        worse = mine if mine is not None and mine.verdict != c.verdict else None
+        own += worse is not None
+        if worse is None:
+            worse = flipped_reflection(StepRecord.from_dict(line, str(out / "records.jsonl"), len(lines), base_dir=out))
+        line["rejected"] = {"type": "reflect", "verdict": worse.verdict, "critique": worse.critique, "mask": None,
+                            "regions": [{"box": list(g.box), "label": g.label, "kind": g.kind} for g in worse.regions]}
+        lines.append(line)
         if c.verdict == "revise" and c.target is not None:
             target_path = f"images/{stem}_target.png"
             c.target.convert("RGB").resize(draft.size).save(out / target_path)
@@ -160,6 +187,8 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
     summary = {"prompts": len(records), "ok": verdicts.count("ok"), "revise": verdicts.count("revise"),
                "skipped": skipped, "records": len(lines),
                "corrections": sum(1 for r in lines if r["id"].endswith("#self-correct")),
-               "plan_act_score": res["scores"]["plan-act"], "verdicts": verdicts}
+               "plan_act_score": res["scores"]["plan-act"], "verdicts": verdicts, "rejected_own": own,
+               "rejected_flipped": sum(1 for r in lines if "rejected" in r) - own,
+               "own_verdict_accuracy": sum(agree) / len(agree) if agree else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -104,13 +104,13 @@ class PackedStream(IterableDataset):
         samples, ids = [], []
         for rid in record_ids:
             ids.append(str(getattr(dm.records[rid], "id", rid)))
-            segs = dm.segments(rid)
-            if self.train and dm.cfg_dropout:
-                segs = apply_cfg_dropout(segs, *dm.cfg_dropout, generator=g)
-            for s in segs:
-                if s.kind == Kind.VAE_NOISY and s.timestep_logit is None:
-                    s.timestep_logit = float(torch.randn((), generator=g))
-            samples.append(segs)
+            for segs in dm.samples(rid):  # one sequence, or a preference pair's two (chosen, rejected)
+                if self.train and dm.cfg_dropout:
+                    segs = apply_cfg_dropout(segs, *dm.cfg_dropout, generator=g)
+                for s in segs:
+                    if s.kind == Kind.VAE_NOISY and s.timestep_logit is None:
+                        s.timestep_logit = float(torch.randn((), generator=g))
+                samples.append(segs)
         return BatchItem(pack(samples, dm.pack_cfg), gidx, len(samples), tuple(ids))
 
     def __iter__(self):
@@ -159,6 +159,12 @@ class MCoTDataModule(L.LightningDataModule):
         val_dataset: optional evaluation set (no dropout).
         num_workers: dataloader worker processes.
         seed: data seed (packing order, dropout, timesteps).
+        preference: ``"record"``: every record is a preference pair of reflections (DPO; the record's
+            ``rejected`` against its last, chosen, reflect; :mod:`ftkit.data.preference`), packed as two
+            consecutive sequences (chosen, rejected) that supervise only that reflection; a record without
+            ``rejected`` is not used (logged; none at all is an error). ``"perturb"``: such a record gets the
+            chosen one with its verdict flipped.
+            Needs ``cfg_dropout: null`` (both sequences of a pair must see the same context).
         generate_shapes: ``{out, n, seed, size}``: generate the shapes-world set at ``out`` in
             ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone); with
             ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain`; with
@@ -185,6 +191,7 @@ class MCoTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         generate_shapes: dict | None = None,
+        preference: str | None = None,
     ):
         super().__init__()
         self.datasets, self.weights, self.registry = list(datasets), weights, registry
@@ -199,6 +206,12 @@ class MCoTDataModule(L.LightningDataModule):
         self.skipped_dir, self.min_image_size = skipped_dir, min_image_size
         self.num_workers, self.seed = num_workers, seed
         self.generate_shapes = generate_shapes
+        if preference not in (None, "record", "perturb"):
+            raise ValueError(f"data.preference {preference!r}: choose record or perturb (or null)")
+        if preference and self.cfg_dropout:
+            raise ValueError("data.preference needs data.cfg_dropout: null (a pair's two sequences must see the same "
+                             "context)")
+        self.preference = preference
         self.batches_consumed = 0
         self._plans: dict[int, list[list[int]]] = {}
         self._ready = False
@@ -267,11 +280,13 @@ class MCoTDataModule(L.LightningDataModule):
 
         ds = load_records(name, registry=self.registry, skip_invalid=self.skip_invalid or None,
                           min_size=self.min_image_size, defer_invalid=True)
+        if self.preference:
+            self._keep_pairs(ds)
         lengths, drop, errors = [], [], []
         for k in range(len(ds)):
             rec = ds[k]
             try:
-                n = packed_length(build_segments(rec, self.tokenize, self.builder_cfg), self.pack_cfg)
+                n = sum(packed_length(segs, self.pack_cfg) for segs in self._record_samples(rec))
             except RecordError as e:
                 drop.append(k)
                 errors.append(e)
@@ -286,12 +301,44 @@ class MCoTDataModule(L.LightningDataModule):
         ds.lengths = lengths
         return ds
 
+    def _keep_pairs(self, ds) -> None:
+        """Preference mode: use only the records that form a pair (a ``self-critique`` file also holds
+        corrections); the others are not errors, just not used (logged). None at all is an error."""
+        from ftkit.data.preference import pair_records
+
+        unpaired = []
+        for k in range(len(ds)):
+            try:
+                pair_records(ds[k], perturb=self.preference == "perturb")
+            except RecordError:
+                unpaired.append(k)
+        if len(unpaired) == len(ds) and len(ds):
+            need = "a last reflect step" + (" and a rejected reflection" if self.preference == "record" else "")
+            raise FtkitError(f"dataset {ds.name!r}: no preference pair among its {len(ds)} records (data.preference "
+                             f"{self.preference} needs {need})")
+        if unpaired:
+            ds.drop(unpaired, [])
+            log.info("dataset %s: %d preference pairs; %d records that are not pairs are not used", ds.name, len(ds),
+                     len(unpaired))
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def segments(self, i: int, records=None) -> list[Segment]:
         rec = (records or self.records)[i]
         return build_segments(rec, self.tokenize, self.builder_cfg)
+
+    def samples(self, i: int) -> list[list[Segment]]:
+        """The packed sequences of record ``i``: its segments, or a preference pair's (chosen, rejected)."""
+        return self._record_samples(self.records[i])
+
+    def _record_samples(self, rec) -> list[list[Segment]]:
+        if not self.preference:
+            return [build_segments(rec, self.tokenize, self.builder_cfg)]
+        from ftkit.data.preference import pair_records
+
+        pair = pair_records(rec, perturb=self.preference == "perturb")  # RecordError: refused at set-up
+        return [build_segments(r, self.tokenize, self.builder_cfg) for r in pair]
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:

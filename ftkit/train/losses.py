@@ -45,6 +45,9 @@ from ftkit.segments import STEP_NAMES, PackedBatch, Step
 
 __all__ = [
     "LossWeights",
+    "Preference",
+    "dpo_loss",
+    "sequence_logps",
     "flow_mse_per_token",
     "kl_prior_preservation",
     "per_token_ce",
@@ -537,6 +540,38 @@ def semantic_consistency_from_batch(
     return torch.stack(terms).mean()
 
 
+# ------------------------------------------------------------------------- preference (DPO)
+
+
+def sequence_logps(token_ce: Tensor, token_sample: Tensor, num_samples: int) -> Tensor:
+    """Log-probability of each packed sample's supervised text: ``log p(y_s) = -sum_{i in s} CE_i``.
+
+    Args:
+        token_ce: [Nce] per-token CE (:func:`per_token_ce`).
+        token_sample: [Nce] packed-sample index of each CE token (``batch.sample_ids[batch.ce_indexes]``).
+        num_samples: samples in the pack (a sample without supervised tokens gets 0).
+    """
+    return -token_ce.float().new_zeros(num_samples).index_add(0, token_sample, token_ce.float())
+
+
+def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Direct preference optimisation (Rafailov et al. 2023), the sigmoid loss (trl's ``loss_type="sigmoid"``).
+
+    With sequence log-probabilities of the policy (``chosen``, ``rejected``) and the reference
+    (``ref_*``), the implicit rewards are ``r = beta * (log pi - log pi_ref)`` and
+
+    .. math::
+
+        L = -\\log \\sigma(r_c - r_r)
+
+    averaged over pairs (tests/train/test_trl_parity.py checks it against trl's ``DPOTrainer``). Equal chosen
+    and rejected give ``log 2``. Returns the loss and the per-pair reward margins ``r_c - r_r`` (detached).
+    """
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -F.logsigmoid(margin).mean(), margin.detach()
+
+
 # -------------------------------------------------------------------------------------- weights
 
 
@@ -584,3 +619,40 @@ class LossWeights:
     def step_weights(self) -> dict[int, float]:
         """``{Step value: weight}`` for :func:`step_breakdown`."""
         return {int(s): float(self.steps[STEP_NAMES[s]]) for s in Step}
+
+
+@dataclass
+class Preference:
+    """Preference training of reflections (recipe field ``model.preference``; needs ``data.preference``).
+
+    Each packed pair (chosen, rejected; :mod:`ftkit.data.preference`) is scored by the policy and the
+    reference, and trained with :func:`dpo_loss`; ``sft`` adds that weight times the chosen reflections'
+    mean CE (keeps the chosen text likely, as RPO does). Neither reference keeps a second copy of the model:
+    ``init`` is the adapter as training starts (the SFT round being improved; trl's reference when it
+    re-trains an adapter), its log-probabilities computed once before step 0 and kept in checkpoints;
+    ``base`` is the same weights with adapters disabled, one extra no-grad forward per step. For a new
+    adapter (B = 0) the two are the same model.
+
+    Args:
+        beta (float): DPO's beta (trl's default 0.1).
+        sft (float): weight of the chosen reflections' CE.
+        experts (list[str]): the adapter experts that train (``understanding`` / ``semantic`` /
+            ``generative``); the adapter weights of the others are frozen.
+        reference (str): ``init`` or ``base`` (above).
+    """
+
+    beta: float = 0.1
+    sft: float = 0.0
+    experts: list[str] = field(default_factory=lambda: ["understanding"])
+    reference: str = "init"
+
+    def __post_init__(self) -> None:
+        if not (float(self.beta) > 0.0 and float(self.beta) != float("inf")):
+            raise ValueError(f"Preference.beta must be a finite number > 0, got {self.beta!r}")
+        if not float(self.sft) >= 0.0:
+            raise ValueError(f"Preference.sft must be >= 0, got {self.sft!r}")
+        if self.reference not in ("init", "base"):
+            raise ValueError(f"Preference.reference {self.reference!r}: choose init or base")
+        self.experts = list(self.experts)
+        if not self.experts:
+            raise ValueError("Preference.experts must name at least one expert")

@@ -7,6 +7,12 @@ One training step on a packed batch (see ../docs/ARCHITECTURE.md)::
     MSE   = sum_s w_s * sum_{i in s} ||v_hat_i - v_i||^2 / (C N_m)   # draft / refine images
     total = w_ce CE + w_mse MSE + w_spatial L_spatial + w_kl L_kl + w_sem L_sem
 
+With ``preference`` (DPO on reflection pairs, ``data.preference``) the step is instead::
+
+    logp  = -sum CE per packed sequence, policy and reference (the adapter before step 0, computed once;
+            or adapters off, no grad, every step)
+    total = DPO(logp[chosen], logp[rejected], ref[chosen], ref[rejected]) + w_sft CE(chosen)
+
 All random draws of a step (VAE posterior, flow noise; timesteps and dropout come from the data
 module) derive from ``(seed, global batch index)``, so a resumed run reproduces an uninterrupted one.
 """
@@ -28,7 +34,7 @@ from ftkit.errors import FtkitError
 from ftkit.models import kernels
 from ftkit.models.folders import parse_dtype
 from ftkit.segments import STEP_NAMES, Step
-from ftkit.train.losses import LossWeights
+from ftkit.train.losses import LossWeights, Preference
 from ftkit.train.tiny import TinyBackbone
 
 log = logging.getLogger("ftkit")
@@ -56,6 +62,10 @@ class MCoTModule(L.LightningModule):
         three_experts: upcycle BAGEL's understanding expert into linguistic + semantic.
         adapter: :class:`~ftkit.adapters.config.AdapterConfig` (method, preset, r, alpha, ...); ``null`` with
             ``full_finetune: true`` trains all decoder/connector weights instead.
+        preference: :class:`~ftkit.train.losses.Preference` (beta, sft, experts, reference): train
+            reflections by DPO on the data module's preference pairs (``data.preference``) instead of the
+            step-wise losses; the reference is the adapter as training starts (``reference: init``, trl's choice
+            when re-training an adapter; for a new adapter the base model) or the model with adapters disabled.
         init_adapter: an adapter folder to continue (a second round on self-critique data): loaded with
             its own saved config, which replaces ``adapter``'s, and trained further.
         loss: :class:`~ftkit.train.losses.LossWeights` (ce, mse, steps: {plan: 1, ...}, spatial, kl_prior, semantic).
@@ -102,22 +112,29 @@ class MCoTModule(L.LightningModule):
         nonfinite: str = "stop",
         max_skipped: int = 10,
         init_adapter: str | None = None,
+        preference: Preference | None = None,
     ):
         super().__init__()
         adapter, loss, tiny = _typed(AdapterConfig, adapter), _typed(LossWeights, loss), _typed(TinyBackbone, tiny)
+        preference = _typed(Preference, preference)
         self.save_hyperparameters()
         # checkpoints and logs keep plain values (no ftkit classes to unpickle)
-        for key, value in (("adapter", adapter), ("loss", loss), ("tiny", tiny)):
+        for key, value in (("adapter", adapter), ("loss", loss), ("tiny", tiny), ("preference", preference)):
             self.hparams[key] = None if value is None else dataclasses.asdict(value)
         if adapter is None and not full_finetune:
             raise ValueError("set an adapter (LoRA/DoRA/QLoRA) or full_finetune: true")
         if quantize and full_finetune:
             raise ValueError("quantize (QLoRA) needs an adapter: 4-bit weights cannot be trained directly")
+        if preference is not None and adapter is None:
+            raise ValueError("model.preference trains an adapter against the same model with adapters disabled: set "
+                             "model.adapter (or model.init_adapter), not full_finetune")
         self.adapter_cfg = adapter
+        self.preference = preference
         self.loss_weights = loss or LossWeights()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite {nonfinite!r}: choose stop or skip")
         self._skipped = 0
+        self._ref_logps: dict[str, list[float]] | None = None  # preference.reference init: per record id
         self.model = None
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._t0 = None
@@ -176,6 +193,10 @@ class MCoTModule(L.LightningModule):
             if dtype != torch.float32:
                 log.info("full fine-tuning keeps fp32 master weights; run with trainer.precision bf16-mixed "
                          "for bf16 compute")
+        if self.preference is not None:
+            from ftkit.adapters.attach import train_only_experts
+
+            train_only_experts(model, self.preference.experts)
         if hp.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if hp.vae_cache_size and model.vae is not None:
@@ -205,8 +226,11 @@ class MCoTModule(L.LightningModule):
             raise NonFiniteError(f"step {self.global_step}: refusing to checkpoint non-finite weights ({bad[0]} and "
                                  f"{len(bad) - 1} more)")
         checkpoint["ftkit"] = {"model_path": str(self.hparams.model_path), "trainable": sorted(keep)}
+        if self._ref_logps is not None:
+            checkpoint["ftkit"]["reference_logps"] = self._ref_logps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._ref_logps = checkpoint.get("ftkit", {}).get("reference_logps", self._ref_logps)
         sd = checkpoint.get("state_dict", {})
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         missing = keep - set(sd)
@@ -232,6 +256,8 @@ class MCoTModule(L.LightningModule):
         from ftkit.adapters.attach import adapters_disabled
         from ftkit.train import losses as Ls
 
+        if self.preference is not None:
+            return self.preference_losses(item)
         b = item.batch
         m, lw = self.model, self.loss_weights
         eps, noise = self._draws(item)
@@ -273,6 +299,85 @@ class MCoTModule(L.LightningModule):
         logs["total"] = total.detach()
         return total, logs
 
+    def _sequence_logps(self, item) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of each packed sequence's supervised text, per-token CE). Images are encoded at
+        the VAE posterior mean, so a pair's two sequences (and every pass over them) see exactly the same one."""
+        from ftkit.train import losses as Ls
+
+        b, m = item.batch, self.model
+        eps, noise = self._draws(item)
+        out = m(b, flow_noise=noise, vae_posterior_eps=[torch.zeros_like(e) for e in eps],
+                timestep_shift=self.hparams.timestep_shift, attn_impl=self.attn_impl)
+        ce = Ls.per_token_ce(out.ce_hidden, m.language_model.lm_head.weight, b.ce_labels,
+                             chunk_size=self.hparams.ce_chunk_size)
+        return Ls.sequence_logps(ce, b.sample_ids[b.ce_indexes], item.num_samples), ce
+
+    def _reference_logps(self, item) -> torch.Tensor:
+        """The reference's sequence log-probabilities: the adapter as training started (``init``, computed once
+        by :meth:`_precompute_reference`) or the model with adapters disabled (``base``, every step)."""
+        from ftkit.adapters.attach import adapters_disabled
+
+        if self.preference.reference == "base":
+            with torch.no_grad(), adapters_disabled(self.model):
+                return self._sequence_logps(item)[0]
+        missing = [r for r in item.record_ids if r not in (self._ref_logps or {})]
+        if missing:
+            raise FtkitError(f"batch {item.index}: no reference log-probabilities for records {missing[:3]} (the "
+                             "data changed since they were computed: start a new run)")
+        ref = [v for r in item.record_ids for v in self._ref_logps[r]]
+        return torch.tensor(ref, dtype=torch.float32, device=item.batch.ce_labels.device)
+
+    @torch.no_grad()
+    def _precompute_reference(self, dm) -> None:
+        """``reference: init``: every pair's log-probabilities under the adapter as it is before step 0 (eval
+        mode: no adapter dropout), keyed by record id, kept in checkpoints so a resumed run uses the same."""
+        from ftkit.data.packer import pack
+        from ftkit.train.datamodule import BatchItem
+
+        ids = [str(dm.records[i].id) for i in range(len(dm.records))]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise FtkitError(f"model.preference.reference init keys pairs by record id: {dup!r} is not unique "
+                             "across the datasets (rename, or use reference: base)")
+        t0, was = time.perf_counter(), self.model.training
+        self.model.eval()
+        table: dict[str, list[float]] = {}
+        for k, group in enumerate(dm.epoch_plan(0)):
+            samples = [seq for i in group for seq in dm.samples(i)]
+            item = BatchItem(pack(samples, dm.pack_cfg), 10**9 + k, len(samples), tuple(ids[i] for i in group))
+            lp = self._sequence_logps(item.to(self.device))[0].tolist()
+            for j, i in enumerate(group):
+                table[ids[i]] = lp[2 * j: 2 * j + 2]
+        self.model.train(was)
+        if self.model.vae is not None:
+            self.model.vae.eval()
+        self._ref_logps = table
+        log.info("reference log-probabilities of %d preference pairs computed in %.1f s", len(table),
+                 time.perf_counter() - t0)
+
+    def preference_losses(self, item) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DPO on a pack of preference pairs: sequences ``2k`` (chosen) and ``2k + 1`` (rejected) share their
+        context (module docstring)."""
+        from ftkit.train import losses as Ls
+
+        b, pref, n = item.batch, self.preference, item.num_samples
+        if n % 2 or not b.ce_indexes.numel():
+            raise FtkitError(f"batch {item.index}: a preference batch holds (chosen, rejected) pairs with supervised "
+                             f"text ({n} sequences, {b.ce_indexes.numel()} CE tokens): set data.preference")
+        logp, ce_tok = self._sequence_logps(item)
+        ref = self._reference_logps(item)
+        dpo, margin = Ls.dpo_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], pref.beta)
+        total = dpo
+        logs = {"dpo": dpo.detach(), "reward_acc": (margin > 0).float().mean(), "margin": margin.mean(),
+                "logp/chosen": logp[0::2].detach().mean(), "logp/rejected": logp[1::2].detach().mean()}
+        if pref.sft:
+            chosen = (b.sample_ids[b.ce_indexes] % 2) == 0
+            sft = ce_tok[chosen].mean()
+            total = total + pref.sft * sft
+            logs["sft"] = sft.detach()
+        logs["total"] = total.detach()
+        return total, logs
+
     def _nonfinite(self, item, what: str) -> None:
         """Stop (or, with ``nonfinite: skip``, skip up to ``max_skipped`` batches) on a non-finite ``what``."""
         ids = ", ".join(item.record_ids[:8]) + (", ..." if len(item.record_ids) > 8 else "")
@@ -300,7 +405,7 @@ class MCoTModule(L.LightningModule):
             return None
         bs = item.num_samples
         for k, v in logs.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("total", "ce", "mse"), batch_size=bs, sync_dist=False)
+            self.log(f"train/{k}", v, prog_bar=k in ("total", "ce", "mse", "dpo", "reward_acc"), batch_size=bs, sync_dist=False)
         self._tokens += item.batch.sequence_length
         self.log("train/tokens", float(item.batch.sequence_length), batch_size=bs, reduce_fx="sum")
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
@@ -311,6 +416,17 @@ class MCoTModule(L.LightningModule):
         for k, v in logs.items():
             self.log(f"val/{k}", v, batch_size=item.num_samples, sync_dist=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        pairs = getattr(dm, "preference", None)
+        if dm is not None and bool(pairs) != (self.preference is not None):
+            raise FtkitError("model.preference and data.preference go together: DPO needs the data as (chosen, "
+                             "rejected) pairs, and pairs trained without it would teach the rejected reflections "
+                             f"too (model.preference is {'set' if self.preference else 'null'}, data.preference "
+                             f"{pairs!r})")
+        if self.preference is not None and self.preference.reference == "init" and self._ref_logps is None:
+            self._precompute_reference(dm)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._t0 is None:

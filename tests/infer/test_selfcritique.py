@@ -49,6 +49,15 @@ def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes
     assert [r.steps[-1].verdict for r in reflect] == summary["verdicts"]
     assert summary["corrections"] == summary["revise"] == sum(r.id.endswith("#self-correct") for r in recs)
     assert all(r.supervise == ("reflect",) for r in reflect)
+    # every reflection is a DPO pair: the model's own wrong reflection, else the judge's with its verdict flipped
+    assert all(r.rejected is not None and r.rejected.verdict != r.steps[-1].verdict for r in reflect)
+    assert summary["rejected_own"] + summary["rejected_flipped"] == 3 and 0 <= summary["own_verdict_accuracy"] <= 1
+    from ftkit.train.datamodule import MCoTDataModule
+
+    dm = MCoTDataModule([str(out / "records.jsonl")], model_path=str(fixture_dir), cfg_dropout=None,
+                        token_budget=4096, preference="record")
+    dm.setup()  # the corrections are not pairs: only the reflections train
+    assert sorted(r.id for r in dm.records) == sorted(r.id for r in reflect)
     assert "3 prompts" in capsys.readouterr().out
     assert main(["data", "self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"),
                  "--out", str(out)]) == 1  # not empty, no --overwrite

@@ -137,6 +137,33 @@ def test_resume_after_kill_matches_straight_run(tiny_env):
         assert abs(a[s]["train/total"] - b[s]["train/total"]) <= 1e-6, (s, a[s]["train/total"], b[s]["train/total"])
 
 
+def test_dpo_fit_from_a_recipe(tiny_env):
+    """``ftkit fit`` with model.preference + data.preference: DPO on reflection pairs, understanding LoRA only;
+    the two halves alone are refused before step 0."""
+    from ftkit.data.shapes import generate
+
+    pref = tiny_env / "pref"
+    if not (pref / "records.jsonl").is_file():
+        generate(pref, 8, seed=1, size=64, progress=False, tasks=["reflect"])
+    data = {"datasets": [str(pref / "records.jsonl")], "preference": "perturb", "cfg_dropout": None, "token_budget": 1200}
+    model = {"preference": {"beta": 0.5}, "lr": 1e-2, "loss": {}}
+    recipe = write_recipe(tiny_env, "dpo", model=model, data=data, trainer={"max_steps": 6})
+    run_fit(recipe, "--run_id", "a")
+    m = metrics(tiny_env / "runs" / "dpo" / "a")
+    steps = sorted(s for s in m if "train/dpo" in m[s])
+    assert len(steps) == 6 and abs(m[steps[0]]["train/dpo"] - 0.6931) < 1e-3, m  # a fresh LoRA is the reference
+    assert m[steps[-1]]["train/margin"] > 0 and "train/mse" not in m[steps[-1]]
+    saved = load_file(tiny_env / "runs" / "dpo" / "a" / "adapter" / "adapter_model.safetensors")
+    assert any("_moe_gen" in k for k in saved)  # the whole adapter is saved; only its understanding half trained
+    assert all(not v.any() for k, v in saved.items() if "_moe_gen" in k and "lora_B" in k)
+    ck = torch.load(tiny_env / "runs" / "dpo" / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ref = ck["ftkit"]["reference_logps"]  # reference: init, kept for a resumed run
+    assert len(ref) == 8 and all(len(v) == 2 and v[0] < 0 and v[1] < 0 for v in ref.values())
+    half = write_recipe(tiny_env, "dpo-half", model=model, data={**data, "preference": None})
+    r = run_fit(half, "--run_id", "a", check=False)
+    assert r.returncode != 0 and "model.preference and data.preference go together" in r.stdout + r.stderr
+
+
 def test_qlora_training_steps_on_cpu(tiny_env):
     recipe = write_recipe(tiny_env, "qlora", model={"quantize": "nf4", "gradient_checkpointing": True,
                                                       "adapter": {"method": "lora", "preset": "generative", "r": 4,
