@@ -145,8 +145,8 @@ def build_segments(record: StepRecord, tokenize: Callable[[str], list[int]], cfg
         cfg: sizes and the start-of-image id.
 
     Raises:
-        RecordError: an image does not decode (names file, record and field), or the record has no
-            supervised step.
+        RecordError: an image does not decode (names file, record and field), a plan or reflection cannot be
+            written as text, or the record has no supervised step.
     """
     sup = record.supervised
     last = max((i for i, s in enumerate(record.steps) if s.type in sup), default=-1)
@@ -176,7 +176,10 @@ def build_segments(record: StepRecord, tokenize: Callable[[str], list[int]], cfg
         step = _STEP[s.type]
         loss = s.type in sup
         if isinstance(s, (PlanStep, ReflectStep)):
-            text = serialize_plan(s) if isinstance(s, PlanStep) else serialize_reflection(s)
+            try:
+                text = serialize_plan(s) if isinstance(s, PlanStep) else serialize_reflection(s)
+            except ValueError as e:  # a record the schema let through but the text format cannot write
+                raise RecordError(record.source, record.index, f"steps[{i}]", str(e)) from e
             segs.append(Segment(Kind.TEXT, step, text_ids=list(tokenize(text)), loss=loss,
                                 end_label=soi if supervised_image(i + 1) else None))
             if isinstance(s, ReflectStep):

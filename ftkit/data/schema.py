@@ -55,6 +55,8 @@ TASKS = ("t2i", "edit")
 VERDICTS = ("ok", "revise")
 REGION_KINDS = ("missing", "count", "color", "position", "attribute", "artifact")
 REFINE_MODES = ("regenerate", "inpaint", "edit")
+# the tags that delimit serialized plans and reflections (ftkit.data.serialize): never inside free text
+TEXT_TAGS = ("<box>", "</box>", "<region>", "</region>", "<verdict>", "</verdict>")
 BOX_MAX = 1000
 
 # error kinds (summary buckets of validate.Report)
@@ -417,6 +419,12 @@ def box_problem(v: Any) -> str | None:
     return None
 
 
+def _no_tags(ck: _Checker, text: str | None, fld: str) -> None:
+    if text and any(t in text for t in TEXT_TAGS):
+        ck.add(fld, "must not contain <box>/<region>/<verdict> tags (they delimit the serialized plan and "
+                    "reflection text)")
+
+
 def _parse_steps(ck: _Checker, raw: list, base_dir: Path | None) -> list[AnyStep]:
     steps: list[AnyStep] = []
     for i, s in enumerate(raw):
@@ -433,6 +441,7 @@ def _parse_steps(ck: _Checker, raw: list, base_dir: Path | None) -> list[AnyStep
         n0 = len(ck.problems)
         if t == "plan":
             caption = ck.string(s, "caption", f"{f}.caption", required=False)
+            _no_tags(ck, caption, f"{f}.caption")
             boxes = []
             for j, b in enumerate(ck.listof(s, "boxes", f"{f}.boxes")):
                 bf = f"{f}.boxes[{j}]"
@@ -467,6 +476,7 @@ def _parse_steps(ck: _Checker, raw: list, base_dir: Path | None) -> list[AnyStep
         else:  # reflect
             verdict = ck.choice(s, "verdict", f"{f}.verdict", VERDICTS)
             critique = ck.string(s, "critique", f"{f}.critique", required=False)
+            _no_tags(ck, critique, f"{f}.critique")
             regions = []
             for j, r in enumerate(ck.listof(s, "regions", f"{f}.regions")):
                 rf = f"{f}.regions[{j}]"

@@ -37,6 +37,7 @@ import re
 from ftkit.data.schema import (
     BOX_MAX,
     REGION_KINDS,
+    TEXT_TAGS,
     VERDICTS,
     Box,
     PlanStep,
@@ -47,7 +48,7 @@ from ftkit.data.schema import (
 from ftkit.errors import FtkitError
 
 _LABEL_BAD = re.compile(r"[\n\r\[\]<>]")
-_TAGS = ("<box>", "</box>", "<region>", "</region>", "<verdict>", "</verdict>")
+_TAGS = TEXT_TAGS
 _BOX_LINE = re.compile(r"^<box>(?P<body>.*)</box>$")
 _REGION_LINE = re.compile(r"^<region>(?P<body>.*)</region>$")
 _VERDICT_LINE = re.compile(r"^<verdict>\s*(?P<v>.*?)\s*</verdict>$")
@@ -161,6 +162,8 @@ def parse_plan(text: str) -> PlanStep:
             boxes.append(Box(label, box))
         elif boxes:
             raise ParseError(f"line {lineno}: caption text after the box lines: {ln!r}")
+        elif any(t in ln for t in TEXT_TAGS):
+            raise ParseError(f"line {lineno}: a stray tag in the caption: {ln!r}")
         else:
             caption.append(ln)
     return PlanStep(caption="\n".join(caption), boxes=boxes)
@@ -197,6 +200,8 @@ def parse_reflection(text: str) -> ReflectStep:
             raise ParseError(f"line {lineno}: second verdict line {ln!r}")
         elif regions:
             raise ParseError(f"line {lineno}: critique text after the region lines: {ln!r}")
+        elif any(t in ln for t in TEXT_TAGS):
+            raise ParseError(f"line {lineno}: a stray tag in the critique: {ln!r}")
         else:
             critique.append(ln)
     return ReflectStep(verdict=verdict, critique="\n".join(critique), regions=regions)

@@ -5,7 +5,7 @@ For each prompt record the current model (base + adapter) plans and draws, exact
 draft satisfies the prompt and, when it does not, names the conflict. The result is written as ftkit
 records (FoX's separate tasks), ready for a second round of training:
 
-* ``<id>#self-reflect``: ``[plan (the model's own text), draft (its image), reflect (the judge's)]``,
+* ``<id>#self-reflect``: ``[plan (the model's own, when it parses), draft (its image), reflect (the judge's)]``,
   ``supervise: [reflect]``: reflections of the model's own outputs, correct drafts with verdict ``ok``;
   Each also carries ``rejected`` (a preference pair for DPO, :mod:`ftkit.data.preference`): with
   ``rejected="own"`` the model's own reflection on its draft where its verdict disagrees with the judge's,
@@ -58,6 +58,12 @@ def _norm_box(box, hw: tuple[int, int]) -> list[int]:
     if b[2] <= b[0] or b[3] <= b[1]:
         return [0, 0, BOX_MAX, BOX_MAX]
     return b
+
+
+def _tagged(text: str) -> bool:
+    from ftkit.data.schema import TEXT_TAGS
+
+    return any(t in text for t in TEXT_TAGS)
 
 
 def _sentence(reason: str) -> str:
@@ -151,13 +157,15 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
         stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in row["id"])
         draft_path = f"images/{stem}_draft.png"
         draft.save(out / draft_path)
-        plan_step = ({"type": "plan", "caption": plan.caption,
-                      "boxes": [{"label": b.label, "box": list(b.box)} for b in plan.boxes]}
-                     if plan is not None else {"type": "plan", "caption": ptxt.strip() or rec["prompt"], "boxes": []})
+        # an unparseable plan cannot be written as a plan step (its text breaks the format): the record
+        # then reflects on the draft with the prompt alone as context
+        plan_step = ([{"type": "plan", "caption": plan.caption,
+                       "boxes": [{"label": b.label, "box": list(b.box)} for b in plan.boxes]}]
+                     if plan is not None else [])
         reflect = {"type": "reflect", "verdict": c.verdict, "critique": c.critique, "regions": c.regions, "mask": None}
         meta = {k: v for k, v in dict(rec.get("meta") or {}).items() if k != "error"}  # the source draft's error
-        meta["self_critique"] = {"verdict": c.verdict, "seed": seed + row["index"]}
-        steps = [plan_step, {"type": "draft", "image": draft_path, "partial": False}, reflect]
+        meta["self_critique"] = {"verdict": c.verdict, "seed": seed + row["index"], "plan_parsed": plan is not None}
+        steps = [*plan_step, {"type": "draft", "image": draft_path, "partial": False}, reflect]
         line = {"id": f"{row['id']}#self-reflect", "task": "t2i", "prompt": rec["prompt"], "input_image": None,
                 "meta": meta, "steps": steps, "supervise": ["reflect"]}
         mine = None
@@ -167,7 +175,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
             except ParseError:
                 mine = None
             agree.append(mine is not None and mine.verdict == c.verdict)
-        worse = mine if mine is not None and mine.verdict != c.verdict else None
+        worse = mine if mine is not None and mine.verdict != c.verdict and not _tagged(mine.critique) else None
         own += worse is not None
         if worse is None:
             worse = flipped_reflection(StepRecord.from_dict(line, str(out / "records.jsonl"), len(lines), base_dir=out))

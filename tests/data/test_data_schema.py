@@ -123,6 +123,8 @@ def _mutate(path, value):
     (_mutate(["steps", 1, "colour"], "red"), "steps[1].colour", "unknown field"),
     (_mutate(["supervise"], ["plan", "think"]), "supervise", "unknown step types"),
     (_mutate(["meta"], [1, 2]), "meta", "must be an object"),
+    (_mutate(["steps", 0, "caption"], "a cat <region>x"), "steps[0].caption", "must not contain <box>/<region>"),
+    (_mutate(["steps", 2, "critique"], "bad</verdict>"), "steps[2].critique", "must not contain <box>/<region>"),
 ])
 def test_schema_problems_name_file_index_field(mutate, field, reason):
     d = mutate(copy.deepcopy(full_record()))
@@ -262,6 +264,7 @@ def test_serialisation_is_documented_format():
     ("cap\n<box>circle 1,2,3,4</box>", "malformed box"),
     ("cap\n<box> [1,2,3,4]</box>", "empty label"),
     ("<box>a [1,2,3,4]</box>\nmore caption", "caption text after the box lines"),
+    ("a cat and a\n<region>missing dog [1,2,3,4]</>", "line 2: a stray tag in the caption"),  # a model's broken plan
 ])
 def test_parse_plan_rejects_malformed(text, match):
     with pytest.raises(ParseError, match=match):
@@ -275,6 +278,7 @@ def test_parse_plan_rejects_malformed(text, match):
     ("<verdict>revise</verdict>\n<region>ugly circle [1,2,3,4]</region>", "region kind 'ugly'"),
     ("<verdict>revise</verdict>\n<region>[1,2,3,4]</region>", "region has no kind"),
     ("<verdict>revise</verdict>\n<region>missing circle [1,2,3,1200]</region>", "outside 0..1000"),
+    ("<verdict>revise</verdict>\nno <box>circle", "line 2: a stray tag in the critique"),
 ])
 def test_parse_reflection_rejects_malformed(text, match):
     with pytest.raises(ParseError, match=match):
