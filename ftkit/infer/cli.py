@@ -322,7 +322,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
                 res = run_ablation(model, tok, records, modes=tuple(a.ablation_modes or ABLATION_MODES),
                                    batch_size=a.batch, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
-                                   detector=detector, color_fn=color_fn, out_dir=tmp, info=info)
+                                   detector=detector, color_fn=color_fn, out_dir=tmp, info=info, rounds=a.rounds)
             else:
                 res = evaluate_shapes(model, tok, records, detector=detector, color_fn=color_fn, modes=tuple(a.modes),
                                       rounds=a.rounds, image_hw=hw, sampler=sampler, text=text, seed=a.seed,

@@ -229,6 +229,8 @@ def evaluate_shapes(model, tokenizer, records: Sequence, *, detector: Detector |
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not records:
         raise ValueError("evaluate_shapes: no records")
+    if rounds < 2 or (rounds > 2 and "mcot-regen" in modes):
+        raise ValueError(f"rounds must be >= 2 (draft + a correction), and 2 with mode mcot-regen, got {rounds}")
     fields = [_fields(r, i) for i, r in enumerate(records)]  # validate all before generating anything
     latent_grid(model, image_hw)
     if detector is not None and not isinstance(detector, Detector):
@@ -413,6 +415,13 @@ class _Batch:
         self.eps1 = [torch.randn(N, C, generator=g) for g in gens]
         self.eps2 = [torch.randn(N, C, generator=g) for g in gens]
         self.gens = gens  # then used for context-image posteriors
+        self.seed, self.N, self.C = seed, N, C
+
+    def eps_round(self, k: int, r: int) -> torch.Tensor:
+        """Starting noise of prompt ``k``'s image ``r`` >= 3 in mcot mode (``eps1``: the draft, ``eps2``: the first
+        correction), from ``(seed + i, r)`` so that extra rounds leave every other draw unchanged."""
+        g = torch.Generator().manual_seed((self.seed + self.idx[k]) * 1009 + r)
+        return torch.randn(self.N, self.C, generator=g)
 
 
 @torch.no_grad()
@@ -420,7 +429,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                  batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None, seed: int = 0,
                  detector: Detector | None = None, color_fn=None, out_dir: str | os.PathLike | None = None,
                  n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24,
-                 pack_tokens: int = 256, reflect: bool = False) -> dict:
+                 pack_tokens: int = 256, reflect: bool = False, rounds: int = 2) -> dict:
     """FoX's ablation on the same prompts, batched (``batch_size`` prompts per sampler / decoder call).
 
     Modes (record ``i`` draws its starting noises ``eps1, eps2`` from ``Generator(seed + i)``, shared by
@@ -435,7 +444,11 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
       (unparseable text counts as revise) correct it by inpainting (:func:`~ftkit.infer.sampler.generate_images`
       ``keep``) the latent tokens under the reflection's regions (:func:`region_token_mask`; the whole
       image when it names none) from ``eps2``, context = prompt, plan, draft, reflection;
-    * ``mcot-regen``: as ``mcot`` but the correction regenerates the whole image from the context.
+      With ``rounds`` > 2 (most images per prompt, draft included) the correction goes into the context, is
+      reflected on, and is inpainted again (from its own latent, noise from ``(seed + i, round)``) while the
+      verdict is ``revise``, up to ``rounds`` images; rows record the images used (``mcot_images``);
+    * ``mcot-regen``: as ``mcot`` but the correction regenerates the whole image from the context (one
+      correction; not combined with ``rounds`` > 2, which extends the shared contexts).
     * ``plan-guided``: the ``plan-act`` image (same plan, same ``eps1``) sampled with plan guidance
       (GoT; ``sampler.cfg_plan_scale``, default :data:`PLAN_GUIDANCE_SCALE`): a fourth branch without the
       plan, so the plan is guided against the prompt alone.
@@ -476,6 +489,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not records:
         raise ValueError("run_ablation: no records")
+    if rounds < 2 or (rounds > 2 and "mcot-regen" in modes):
+        raise ValueError(f"rounds must be >= 2 (draft + a correction), and 2 with mode mcot-regen, got {rounds}")
     fields = [_fields(r, i) for i, r in enumerate(records)]
     hw = tuple(image_hw)
     grid = latent_grid(model, hw)
@@ -579,6 +594,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                 masks = {k: (region_token_mask([g.box for g in refls[k][2].regions], grid)
                              if refls[k][2] is not None and refls[k][2].regions else torch.ones(N, dtype=torch.bool))
                          for k in rev}
+            used = [1] * len(idx)  # images per prompt in mode mcot, draft included
             for stage, mode in (("inpaint", "mcot"), ("regen", "mcot-regen")):
                 if stage not in need:
                     continue
@@ -586,9 +602,38 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                 if rev:
                     keep = [(lat_d[k], masks[k]) for k in rev] if stage == "inpaint" else None
                     with clock(stage):
-                        _, fixed = sample([gcs_p[k] for k in rev], [bt.eps2[k] for k in rev], keep)
+                        lat_f, fixed = sample([gcs_p[k] for k in rev], [bt.eps2[k] for k in rev], keep)
                     for k, im in zip(rev, fixed):
                         final[k] = im
+                    if stage == "inpaint":
+                        for k in rev:
+                            used[k] = 2
+                        cur = {k: z for k, z in zip(rev, lat_f)}
+                        for r in range(3, rounds + 1):  # reflect on the correction, inpaint again while `revise`
+                            with clock("reflect"):
+                                for k in cur:
+                                    gcs_p[k].add_image(final[k], vae_hw=hw, vit_hw=vit_hw, generator=bt.gens[k])
+                                keys = list(cur)
+                                again = {}
+                                for k, (ids, rtxt) in zip(keys, decode_all([gcs_p[k] for k in keys],
+                                                                           ts.max_reflect_tokens)):
+                                    try:
+                                        rf = parse_reflection(rtxt)
+                                    except ParseError:
+                                        rf = None
+                                    if rf is None or rf.verdict != "ok":
+                                        gcs_p[k].add_generated_text(ids)
+                                        again[k] = (region_token_mask([g.box for g in rf.regions], grid)
+                                                    if rf is not None and rf.regions else torch.ones(N, dtype=torch.bool))
+                            if not again:
+                                break
+                            keys = list(again)
+                            with clock(stage):
+                                lat_f, fixed = sample([gcs_p[k] for k in keys], [bt.eps_round(k, r) for k in keys],
+                                                      [(cur[k], again[k]) for k in keys])
+                            cur = {k: z for k, z in zip(keys, lat_f)}
+                            for k, im in zip(keys, fixed):
+                                final[k], used[k] = im, r
                 imgs[mode] = final
         for k, i in enumerate(idx):
             rid, prompt, meta = bt.fields[k]
@@ -619,6 +664,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                     fail_m |= _box_mask(miss_boxes, hw)
                     if fail_m.any():
                         iou = _iou(_box_mask(flagged, hw), fail_m)
+                if "mcot" in modes:
+                    row["mcot_images"] = used[k]
                 row["reflection"] = {"text": rtxt, "parsed": r is not None, "verdict": verdict,
                                      "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                      "corrected": verdict != "ok",
@@ -648,6 +695,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                       "parsed": float(np.mean([x["parsed"] for x in rr])), "confusion": conf,
                       "region_iou": float(np.mean(ious)) if ious else None, "region_iou_n": len(ious),
                       "corrected": sum(x["corrected"] for x in rr)}
+        if "mcot" in modes:
+            reflection["mcot_images_mean"] = float(np.mean([r["mcot_images"] for r in rows]))
     per_prompt = {m: round(sum(secs[s] for s in _STAGES[m]) / n, 4) for m in modes}
     counts: dict[str, int] = {}
     for t in tags:
@@ -660,7 +709,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         "settings": {"batch_size": batch_size, "pack": pack, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
                      "sampler": {**skw, "cfg_interval": list(sampler.cfg_interval),
                                  **({"cfg_plan_scale": plan_scale} if "plan-guided" in modes else {})},
-                     "text": {"max_plan_tokens": ts.max_plan_tokens, "max_reflect_tokens": ts.max_reflect_tokens}},
+                     "text": {"max_plan_tokens": ts.max_plan_tokens, "max_reflect_tokens": ts.max_reflect_tokens},
+                     "rounds": rounds},
         "detector": type(detector if detector is not None else default_detector()).__name__,
         "prompts": rows,
     }
@@ -773,7 +823,11 @@ def ablation_markdown(res: dict) -> str:
                   f"`revise` would score {r['always_revise_accuracy']:.3f}); parsed {r['parsed']:.3f}; corrected "
                   f"{r['corrected']} of {res['n']}",
                   "- " + "; ".join(f"{k}: {v}" for k, v in r["confusion"].items()),
-                  f"- IoU of flagged regions with the failed objects: {iou} (over {r['region_iou_n']} drafts)", ""]
+                  f"- IoU of flagged regions with the failed objects: {iou} (over {r['region_iou_n']} drafts)"]
+        if "mcot_images_mean" in r:
+            lines.append(f"- mcot: {r['mcot_images_mean']:.2f} images per prompt on average (at most "
+                         f"{res['settings'].get('rounds', 2)}, draft included)")
+        lines.append("")
     lines += ["Seconds per prompt (shared stages counted in every mode that needs them):", "",
               "| mode | s / prompt |", "|---|---:|"]
     lines += [f"| {m} | {v:.3f} |" for m, v in res["seconds_per_prompt"].items()]

@@ -255,3 +255,32 @@ def test_eval_shapes_ablation_cli(fixture_dir, tmp_path, capsys):
     rc = eval_main(["shapes", "--ablation", "--model", str(fixture_dir), "--data", str(folder), "--batch", "0",
                     "--out", str(tmp_path / "bad")])
     assert rc == 1 and "batch_size" in capsys.readouterr().err
+
+
+def test_ablation_mcot_rounds(fixture_dir, tmp_path):
+    """``rounds=3``: a correction still judged ``revise`` is reflected on and inpainted again; one judged ``ok``
+    stops; everything before the third image is the two-round run's."""
+    model, tok = load_bagel(fixture_dir, dtype=torch.float32), load_tokenizer(fixture_dir)
+    records, _ = ablation_records(4, seed=1011, size=32, cache_dir=tmp_path / "cache")
+    plans = ["a shape\n<box>circle [100,100,400,400]</box>"] * 4
+    refls = ["<verdict>ok</verdict>", "<verdict>revise</verdict>\n<region>color red circle [0,0,500,500]</region>",
+             "not a reflection", "<verdict>ok</verdict>"]
+    second = ["<verdict>ok</verdict>", "<verdict>revise</verdict>\n<region>missing circle [500,500,1000,1000]</region>"]
+    kw = dict(modes=("plan-act", "mcot"), batch_size=4, image_hw=HW, sampler=SamplerSettings(num_timesteps=3),
+              text=TextSettings(8, 8), n_boot=50, progress=False)
+    two = run_ablation(model, ScriptedTokenizer(tok, plans + refls), records, out_dir=tmp_path / "two", **kw)
+    three = run_ablation(model, ScriptedTokenizer(tok, plans + refls + second), records, out_dir=tmp_path / "three",
+                         rounds=3, **kw)
+    assert [r["mcot_images"] for r in three["prompts"]] == [1, 2, 3, 1]
+    assert [r["mcot_images"] for r in two["prompts"]] == [1, 2, 2, 1]
+    assert three["reflection"]["mcot_images_mean"] == pytest.approx(7 / 4) and three["settings"]["rounds"] == 3
+    img = {name: [np.asarray(_open(tmp_path / name / r["mcot"]["image"])) for r in res["prompts"]]
+           for name, res in (("two", two), ("three", three))}
+    for k in (0, 1, 3):  # stopped by `ok` (or never corrected): the same image as with two rounds
+        assert np.array_equal(img["two"][k], img["three"][k]), k
+    assert not np.array_equal(img["two"][2], img["three"][2])  # a third image, inpainted in the new region only
+    d = np.abs(img["two"][2].astype(int) - img["three"][2].astype(int)).mean(-1)
+    assert d[16:, 16:].mean() > d[:16, :16].mean()  # the flagged quarter changes most (the decoder mixes a little)
+    assert "1.75 images per prompt" in (tmp_path / "three" / "ablation.md").read_text()
+    with pytest.raises(ValueError, match="rounds"):
+        run_ablation(model, tok, records, modes=("mcot", "mcot-regen"), rounds=3)
