@@ -148,7 +148,8 @@ def test_dpo_fit_from_a_recipe(tiny_env):
     data = {"datasets": [str(pref / "records.jsonl")], "preference": "perturb", "cfg_dropout": None, "token_budget": 1200}
     model = {"preference": {"beta": 0.5}, "lr": 1e-2, "loss": {}}
     recipe = write_recipe(tiny_env, "dpo", model=model, data=data, trainer={"max_steps": 6})
-    run_fit(recipe, "--run_id", "a")
+    r = run_fit(recipe, "--run_id", "a")
+    assert "reference log-probabilities of 8 preference pairs" in r.stdout + r.stderr
     m = metrics(tiny_env / "runs" / "dpo" / "a")
     steps = sorted(s for s in m if "train/dpo" in m[s])
     assert len(steps) == 6 and abs(m[steps[0]]["train/dpo"] - 0.6931) < 1e-3, m  # a fresh LoRA is the reference
@@ -159,6 +160,16 @@ def test_dpo_fit_from_a_recipe(tiny_env):
     ck = torch.load(tiny_env / "runs" / "dpo" / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ref = ck["ftkit"]["reference_logps"]  # reference: init, kept for a resumed run
     assert len(ref) == 8 and all(len(v) == 2 and v[0] < 0 and v[1] < 0 for v in ref.values())
+    # killed and resumed: the reference log-probabilities come back from the checkpoint (recomputing them from the
+    # trained adapter would change every later loss)
+    kill = '[{"class_path": "ftkit.testing.KillAtStep", "init_args": {"step": 3}}]'
+    r = run_fit(recipe, "--run_id", "killed", f"--trainer.callbacks={kill}", check=False)
+    assert r.returncode == 17, r.stderr[-3000:]
+    r = run_fit(recipe, "--ckpt_path", "last")
+    assert "reference log-probabilities" not in r.stdout + r.stderr
+    b = metrics(tiny_env / "runs" / "dpo" / "killed")
+    for s in steps:
+        assert abs(m[s]["train/dpo"] - b[s]["train/dpo"]) <= 1e-6, (s, m[s]["train/dpo"], b[s]["train/dpo"])
     half = write_recipe(tiny_env, "dpo-half", model=model, data={**data, "preference": None})
     r = run_fit(half, "--run_id", "a", check=False)
     assert r.returncode != 0 and "model.preference and data.preference go together" in r.stdout + r.stderr
