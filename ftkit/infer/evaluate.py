@@ -229,8 +229,6 @@ def evaluate_shapes(model, tokenizer, records: Sequence, *, detector: Detector |
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not records:
         raise ValueError("evaluate_shapes: no records")
-    if rounds < 2 or (rounds > 2 and "mcot-regen" in modes):
-        raise ValueError(f"rounds must be >= 2 (draft + a correction), and 2 with mode mcot-regen, got {rounds}")
     fields = [_fields(r, i) for i, r in enumerate(records)]  # validate all before generating anything
     latent_grid(model, image_hw)
     if detector is not None and not isinstance(detector, Detector):

@@ -247,6 +247,9 @@ def test_evaluate_shapes_with_plugged_detector(base, tmp_path):
     # the verdicts are the fixed detections' (not the generated pixels'): proves the detector was used
     verdicts = {p["id"]: (p["direct"]["passed"], p["mcot"]["passed"]) for p in res["prompts"]}
     assert verdicts == {"c": (True, True), "t": (False, False), "p": (True, True), "k": (False, False)}
+    one = evaluate_shapes(model, tok, RECORDS, detector=FixedDetector(), rounds=1, image_hw=(32, 32),  # draft only is allowed
+                          sampler=SamplerSettings(num_timesteps=2), text=TextSettings(4, 4), progress=False)
+    assert {p["id"]: (p["direct"]["passed"], p["mcot"]["passed"]) for p in one["prompts"]} == verdicts
     reasons = {p["id"]: p["direct"]["reason"] for p in res["prompts"]}
     assert reasons["t"] == "expected triangle>=1, found 0"
     assert reasons["k"].startswith("expected green circle>=1, found 0 green")
