@@ -48,7 +48,6 @@ from ftkit.data.schema import (
 from ftkit.errors import FtkitError
 
 _LABEL_BAD = re.compile(r"[\n\r\[\]<>]")
-_TAGS = TEXT_TAGS
 _BOX_LINE = re.compile(r"^<box>(?P<body>.*)</box>$")
 _REGION_LINE = re.compile(r"^<region>(?P<body>.*)</region>$")
 _VERDICT_LINE = re.compile(r"^<verdict>\s*(?P<v>.*?)\s*</verdict>$")
@@ -87,7 +86,7 @@ def normalize_text(text: str) -> str:
 def _check_free_text(text: str, what: str) -> str:
     if not isinstance(text, str):
         raise ValueError(f"{what} must be a string, got {type(text).__name__}")
-    if any(t in text for t in _TAGS):
+    if any(t in text for t in TEXT_TAGS):
         raise ValueError(f"{what} must not contain <box>/<region>/<verdict> tags: {text!r}")
     return normalize_text(text)
 

@@ -535,6 +535,12 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         yield
         secs[stage] += time.perf_counter() - t0
 
+    def flagged_tokens(rf):
+        """Latent tokens a correction redraws: under the reflection's regions, all of them when it names none."""
+        if rf is not None and rf.regions:
+            return region_token_mask([g.box for g in rf.regions], grid)
+        return torch.ones(N, dtype=torch.bool)
+
     def decode_all(gcs, max_tokens):
         outs = generate_texts([g.cond for g in gcs], max_tokens)
         return [(ids, tx.decode(ids)) for ids in (tx.clean(o.new_ids) for o in outs)]
@@ -589,9 +595,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                 rev = [k for k, r in enumerate(refls) if r[3] != "ok"]
                 for k in rev:
                     gcs_p[k].add_generated_text(refls[k][0])
-                masks = {k: (region_token_mask([g.box for g in refls[k][2].regions], grid)
-                             if refls[k][2] is not None and refls[k][2].regions else torch.ones(N, dtype=torch.bool))
-                         for k in rev}
+                masks = {k: flagged_tokens(refls[k][2]) for k in rev}
             used = [1] * len(idx)  # images per prompt in mode mcot, draft included
             for stage, mode in (("inpaint", "mcot"), ("regen", "mcot-regen")):
                 if stage not in need:
@@ -621,8 +625,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                                         rf = None
                                     if rf is None or rf.verdict != "ok":
                                         gcs_p[k].add_generated_text(ids)
-                                        again[k] = (region_token_mask([g.box for g in rf.regions], grid)
-                                                    if rf is not None and rf.regions else torch.ones(N, dtype=torch.bool))
+                                        again[k] = flagged_tokens(rf)
                             if not again:
                                 break
                             keys = list(again)

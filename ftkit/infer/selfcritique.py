@@ -60,12 +60,6 @@ def _norm_box(box, hw: tuple[int, int]) -> list[int]:
     return b
 
 
-def _tagged(text: str) -> bool:
-    from ftkit.data.schema import TEXT_TAGS
-
-    return any(t in text for t in TEXT_TAGS)
-
-
 def _sentence(reason: str) -> str:
     return reason[0].upper() + reason[1:].replace(">=", " at least ").replace("<", " fewer than ") + "."
 
@@ -175,7 +169,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
             except ParseError:
                 mine = None
             agree.append(mine is not None and mine.verdict == c.verdict)
-        worse = mine if mine is not None and mine.verdict != c.verdict and not _tagged(mine.critique) else None
+        worse = mine if mine is not None and mine.verdict != c.verdict else None  # parsed: no stray tags
         own += worse is not None
         if worse is None:
             worse = flipped_reflection(StepRecord.from_dict(line, str(out / "records.jsonl"), len(lines), base_dir=out))
