@@ -13,6 +13,7 @@ never materialises the L x L matrix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -32,8 +33,10 @@ class AttentionSpec:
     mode: torch.Tensor  # [L] long
     impl: str = "sdpa"  # "sdpa" (dense mask) | "flex" (block mask, CUDA)
     causal: bool = False  # one sample, causal splits only: the mask is plain k <= q (SDPA's fast path)
+    ranges: tuple[tuple[int, int], ...] | None = None  # (start, end) of each packed sample, when contiguous
     _dense: torch.Tensor | None = None
     _block: object | None = None
+    _grouped: tuple | None = None
 
     @classmethod
     def from_splits(cls, splits: list[tuple[int, int, str, int]], length: int, device=None, impl: str = "auto"):
@@ -52,7 +55,7 @@ class AttentionSpec:
         if impl == "auto":
             impl = "flex" if (device is not None and torch.device(device).type == "cuda") else "sdpa"
         causal = len(samples) <= 1 and all(m == "causal" for _, _, m, _ in splits)
-        return cls(sample.to(device), split.to(device), mode.to(device), impl, causal)
+        return cls(sample.to(device), split.to(device), mode.to(device), impl, causal, _sample_ranges(splits))
 
     def allowed(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
         """Elementwise rule on (broadcastable) query/key index tensors."""
@@ -70,6 +73,35 @@ class AttentionSpec:
             self._dense = self.allowed(idx[:, None], idx[None, :])
         return self._dense
 
+    def grouped(self):
+        """The pack as a padded batch of its samples, when that is at most half the dense work, else None.
+
+        A pack of B samples attends block-diagonally: the dense L x L mask spends most of its work on
+        pairs of different samples (all masked; the CPU kernels do not skip masked blocks). Stacking the
+        samples as ``[B, Lmax]`` rows costs ``B Lmax^2`` instead of ``L^2``. Returns ``(index, mask,
+        back)``: ``index`` [B, Lmax] token of each slot (padding slots repeat the sample's first token),
+        ``mask`` [B, 1, Lmax, Lmax] (the packed rule; a padding query sees only its own slot, a padding
+        key is seen by nobody), ``back`` [L] each token's slot in the flattened ``B * Lmax``.
+        """
+        if self._grouped is None:
+            r = self.ranges
+            n = self.sample.shape[0]
+            if not r or len(r) < 2 or len(r) * max(e - s for s, e in r) ** 2 * 2 > n * n:
+                self._grouped = (None,)
+            else:
+                dev = self.sample.device
+                lm = max(e - s for s, e in r)
+                starts = torch.tensor([s for s, _ in r], device=dev)
+                lens = torch.tensor([e - s for s, e in r], device=dev)
+                slot = torch.arange(lm, device=dev)
+                valid = slot[None, :] < lens[:, None]  # [B, Lm]
+                index = starts[:, None] + torch.where(valid, slot[None, :], 0)
+                mask = self.allowed(index[:, :, None], index[:, None, :]) & valid[:, None, :] & valid[:, :, None]
+                mask |= (~valid[:, :, None]) & torch.eye(lm, dtype=torch.bool, device=dev)
+                back = torch.cat([b * lm + torch.arange(e - s, device=dev) for b, (s, e) in enumerate(r)])
+                self._grouped = (index, mask[:, None], back)
+        return None if self._grouped[0] is None else self._grouped
+
     def block_mask(self):
         if self._block is None:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -83,6 +115,19 @@ class AttentionSpec:
             self._block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=self.sample.device,
                                             _compile=True)
         return self._block
+
+
+def _sample_ranges(splits) -> tuple[tuple[int, int], ...] | None:
+    """(start, end) of each sample in pack order, or None when a sample's splits are not contiguous."""
+    ranges: list[list[int]] = []  # [start, end, sample]
+    for s, e, _, smp in sorted(splits):
+        if ranges and ranges[-1][2] == smp and ranges[-1][1] == s:
+            ranges[-1][1] = e
+        elif any(r[2] == smp for r in ranges):
+            return None
+        else:
+            ranges.append([s, e, smp])
+    return tuple((a, b) for a, b, _ in ranges)
 
 
 _flex_compiled = None
@@ -123,6 +168,20 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: At
                         q.dtype, q.shape[-1], type(e).__name__)
     if spec.causal:
         return _sdpa(q, k, v, None, scale, causal=True)
+    grouped = spec.grouped()
+    if grouped is not None:  # one attention per sample, stacked as a padded batch
+        index, mask, back = grouped
+        B, Lm = index.shape
+        flat = index.reshape(-1)
+        # on CPU in fp32: torch's bf16 flash backward is 3-5x slower than fp32 on such short rows (bench/
+        # bench_pretrain_step.py); long single sequences keep the input dtype, where bf16 is the faster one
+        cpu = q.device.type == "cpu"
+        dt = torch.float32 if cpu else q.dtype
+        rows = lambda x: x.index_select(1, flat).unflatten(1, (B, Lm)).transpose(0, 1).to(dt)  # noqa: E731  [B, h, Lm, d]
+        with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=mask, scale=scale,
+                                                 enable_gqa=gqa)
+        return out.transpose(0, 1).reshape(q.shape[0], B * Lm, q.shape[-1]).index_select(1, back).to(q.dtype)
     return _sdpa(q, k, v, spec.dense(), scale)
 
 

@@ -73,8 +73,9 @@ class Routing:
         """y[t] = modules[e(t)](x[t])."""
         if self.single:
             return modules[self.groups[0][0]](x)
-        outs = [modules[e](x[idx]) for e, idx in self.groups]
-        return torch.cat(outs)[self.inverse]
+        # index_select rather than x[idx]: the same gather, ~6x faster forward on CPU (aten::index is generic)
+        outs = [modules[e](x.index_select(0, idx)) for e, idx in self.groups]
+        return torch.cat(outs).index_select(0, self.inverse)
 
 
 class MoTAttention(nn.Module):

@@ -1,0 +1,57 @@
+"""Packed attention: the per-sample layout (``AttentionSpec.grouped``) computes what the dense mask does."""
+
+import pytest
+import torch
+
+from ftkit.models.attention import AttentionSpec, _sample_ranges, _sdpa, packed_attention
+
+
+def _pack(lengths_per_sample, modes=("causal", "noise", "full", "causal")):
+    splits, pos = [], 0
+    for smp, lens in enumerate(lengths_per_sample):
+        for j, n in enumerate(lens):
+            splits.append((pos, pos + n, modes[j % len(modes)], smp))
+            pos += n
+    return splits, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sample_attention_equals_dense_mask(dtype):
+    # samples of unequal length (padding slots), every split mode, GQA (4 query heads over 2 KV heads)
+    splits, L = _pack([[5, 8, 3], [7], [4, 6], [9, 2, 2], [1], [3, 3], [6], [8], [5, 5]])
+    spec = AttentionSpec.from_splits(splits, L)
+    index, mask, back = spec.grouped()
+    assert index.shape == (9, 16) and back.shape == (L,)
+    torch.manual_seed(0)
+    q = torch.randn(4, L, 16, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, L, 16, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, L, 16, dtype=dtype, requires_grad=True)
+    out = packed_attention(q, k, v, spec, 0.25)
+    ref = _sdpa(q.float(), k.float(), v.float(), spec.dense(), 0.25)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    g = torch.randn(out.shape)
+    grads = torch.autograd.grad((out.float() * g).sum(), [q, k, v])
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref_grads = torch.autograd.grad((_sdpa(qf, kf, vf, spec.dense(), 0.25) * g).sum(), [qf, kf, vf])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, atol=tol * 4, rtol=tol * 4)
+
+
+def test_grouped_only_where_it_saves_work():
+    # one sample (nothing to split), or one long sample among short ones (B Lmax^2 > L^2 / 2): the dense mask
+    assert AttentionSpec.from_splits(*_pack([[10, 20]])).grouped() is None
+    assert AttentionSpec.from_splits(*_pack([[60], [2], [2]])).grouped() is None
+    assert AttentionSpec.from_splits(*_pack([[10], [10], [10], [10]])).grouped() is not None
+
+
+def test_sample_ranges_need_contiguous_samples():
+    assert _sample_ranges([(0, 3, "causal", 0), (3, 5, "full", 0), (5, 9, "causal", 1)]) == ((0, 5), (5, 9))
+    # sample 0 interleaved around sample 1: no per-sample layout (the dense mask still handles it)
+    splits = [(0, 3, "causal", 0), (3, 5, "causal", 1), (5, 9, "causal", 0)]
+    assert _sample_ranges(splits) is None
+    spec = AttentionSpec.from_splits(splits, 9)
+    assert spec.grouped() is None
+    q = torch.randn(2, 9, 8)
+    torch.testing.assert_close(packed_attention(q, q, q, spec, 0.3), _sdpa(q, q, q, spec.dense(), 0.3))
