@@ -526,6 +526,24 @@ def _check_order(ck: _Checker, steps: list[AnyStep | None]) -> None:
             last_image, image_after_reflect = i, True
 
 
+
+def step_to_dict(step: AnyStep, base_dir: str | os.PathLike | None = None, embed_images: bool = False) -> dict:
+    """A step's JSONL form (the inverse of the schema's step parsing); images as paths relative to
+    ``base_dir`` or embedded base64, as :meth:`ImageRef.to_json`."""
+
+    def img(r: ImageRef | None):
+        return None if r is None else r.to_json(base_dir, embed_images)
+
+    if isinstance(step, PlanStep):
+        return {"type": "plan", "caption": step.caption, "boxes": [{"label": b.label, "box": list(b.box)} for b in step.boxes]}
+    if isinstance(step, DraftStep):
+        return {"type": "draft", "image": img(step.image), "partial": step.partial}
+    if isinstance(step, ReflectStep):
+        return {"type": "reflect", "verdict": step.verdict, "critique": step.critique,
+                "regions": [{"box": list(r.box), "label": r.label, "kind": r.kind} for r in step.regions],
+                "mask": img(step.mask)}
+    return {"type": "refine", "image": img(step.image), "mode": step.mode}
+
 @dataclass
 class StepRecord:
     """One validated record (see the module docstring). ``source``/``index`` locate it for messages."""
@@ -661,26 +679,11 @@ class StepRecord:
         def img(r: ImageRef | None):
             return None if r is None else r.to_json(base_dir, embed_images)
 
-        def reflect(s: ReflectStep) -> dict:
-            return {"type": "reflect", "verdict": s.verdict, "critique": s.critique,
-                    "regions": [{"box": list(r.box), "label": r.label, "kind": r.kind} for r in s.regions],
-                    "mask": img(s.mask)}
-
-        steps = []
-        for s in self.steps:
-            if isinstance(s, PlanStep):
-                steps.append({"type": "plan", "caption": s.caption,
-                              "boxes": [{"label": b.label, "box": list(b.box)} for b in s.boxes]})
-            elif isinstance(s, DraftStep):
-                steps.append({"type": "draft", "image": img(s.image), "partial": s.partial})
-            elif isinstance(s, ReflectStep):
-                steps.append(reflect(s))
-            else:
-                steps.append({"type": "refine", "image": img(s.image), "mode": s.mode})
+        steps = [step_to_dict(s, base_dir, embed_images) for s in self.steps]
         out = {"id": self.id, "task": self.task, "prompt": self.prompt, "input_image": img(self.input_image),
                "meta": self.meta, "steps": steps}
         if self.supervise is not None:
             out["supervise"] = list(self.supervise)
         if self.rejected is not None:
-            out["rejected"] = reflect(self.rejected)
+            out["rejected"] = step_to_dict(self.rejected, base_dir, embed_images)
         return out

@@ -119,7 +119,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
     Returns the summary: prompts, drafts judged ok / revise, records written, skipped prompts, the
     verdict of every draft in order, how many rejected reflections are the model's own."""
     from ftkit.data.preference import flipped_reflection
-    from ftkit.data.schema import StepRecord
+    from ftkit.data.schema import StepRecord, step_to_dict
     from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
     from ftkit.infer.evaluate import run_ablation
 
@@ -153,9 +153,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
         draft.save(out / draft_path)
         # an unparseable plan cannot be written as a plan step (its text breaks the format): the record
         # then reflects on the draft with the prompt alone as context
-        plan_step = ([{"type": "plan", "caption": plan.caption,
-                       "boxes": [{"label": b.label, "box": list(b.box)} for b in plan.boxes]}]
-                     if plan is not None else [])
+        plan_step = [step_to_dict(plan)] if plan is not None else []
         reflect = {"type": "reflect", "verdict": c.verdict, "critique": c.critique, "regions": c.regions, "mask": None}
         meta = {k: v for k, v in dict(rec.get("meta") or {}).items() if k != "error"}  # the source draft's error
         meta["self_critique"] = {"verdict": c.verdict, "seed": seed + row["index"], "plan_parsed": plan is not None}
@@ -173,8 +171,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
         own += worse is not None
         if worse is None:
             worse = flipped_reflection(StepRecord.from_dict(line, str(out / "records.jsonl"), len(lines), base_dir=out))
-        line["rejected"] = {"type": "reflect", "verdict": worse.verdict, "critique": worse.critique, "mask": None,
-                            "regions": [{"box": list(g.box), "label": g.label, "kind": g.kind} for g in worse.regions]}
+        line["rejected"] = step_to_dict(worse)
         lines.append(line)
         if c.verdict == "revise" and c.target is not None:
             target_path = f"images/{stem}_target.png"
