@@ -27,8 +27,9 @@ bidirectional inside itself. Tensors in the cache are never modified in place: a
 tensors, so :meth:`Context.copy` is O(layers) and copies share storage safely.
 
 :func:`forward_blocks` runs blocks of several contexts in ONE decoder call (their caches concatenated
-along the key axis and a block-diagonal mask), which is how the sampler batches guidance branches
-and prompts.
+along the key axis; each block attends its own cache and itself as one row of a padded batch,
+``RowLayout``, rather than through one mostly-masked block-diagonal mask), which is how the sampler
+batches guidance branches and prompts.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ftkit.data.packer import (
     vit_patches,
     wrap_text,
 )
+from ftkit.models.attention import RowLayout
 from ftkit.segments import DEFAULT_FUNCTIONALITY, Kind
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -169,14 +171,20 @@ def forward_blocks(model, caches: list[KVCache | None] | MergedCache, blocks: li
     past_lens = merged.lens
     q_lens = [len(b) for b in blocks]
     P, Q = sum(past_lens), sum(q_lens)
-    mask = torch.zeros(Q, P + Q, dtype=torch.bool, device=dev)
-    p0 = q0 = 0
-    for pl, ql, b in zip(past_lens, q_lens, blocks):
-        mask[q0:q0 + ql, p0:p0 + pl] = True
-        own = torch.ones(ql, ql, dtype=torch.bool, device=dev)
-        mask[q0:q0 + ql, P + q0:P + q0 + ql] = own.tril() if b.causal else own
-        p0 += pl
-        q0 += ql
+    # several blocks: each block's attention as one row of a padded batch (RowLayout) rather than one
+    # [Q, P + Q] mask that is mostly pairs of different blocks (the kernels do not skip masked pairs)
+    rows = RowLayout.for_blocks(past_lens, q_lens, [b.causal for b in blocks], dev) if len(blocks) > 1 else None
+    if rows is not None and 2 * rows.work() <= Q * (P + Q):
+        mask = rows
+    else:
+        mask = torch.zeros(Q, P + Q, dtype=torch.bool, device=dev)
+        p0 = q0 = 0
+        for pl, ql, b in zip(past_lens, q_lens, blocks):
+            mask[q0:q0 + ql, p0:p0 + pl] = True
+            own = torch.ones(ql, ql, dtype=torch.bool, device=dev)
+            mask[q0:q0 + ql, P + q0:P + q0 + ql] = own.tril() if b.causal else own
+            p0 += pl
+            q0 += ql
     if len(blocks) == 1:
         embeds, pos, exp = blocks[0].embeds, blocks[0].position_ids, blocks[0].expert
     else:

@@ -427,7 +427,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                  batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None, seed: int = 0,
                  detector: Detector | None = None, color_fn=None, out_dir: str | os.PathLike | None = None,
                  n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24,
-                 pack_tokens: int = 256, reflect: bool = False, rounds: int = 2) -> dict:
+                 pack_tokens: int = 8192, reflect: bool = False, rounds: int = 2) -> dict:
     """FoX's ablation on the same prompts, batched (``batch_size`` prompts per sampler / decoder call).
 
     Modes (record ``i`` draws its starting noises ``eps1, eps2`` from ``Generator(seed + i)``, shared by
@@ -464,8 +464,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     (drafts that fail, are flagged, and have both).
 
     Batching: the contexts of a batch are prefilled separately (any lengths); each sampler step packs
-    their query blocks (image tokens + markers, all guidance branches) about ``pack_tokens`` tokens per
-    decoder call over the concatenated caches with a block-diagonal mask (``generate_images(packed=k)``);
+    their query blocks (image tokens + markers, all guidance branches) up to ``pack_tokens`` tokens per
+    decoder call, each block attending its own cache as one row of a padded batch (``generate_images(packed=k)``);
     plans and reflections are decoded for the whole batch at once (:func:`~ftkit.infer.sampler.generate_texts`).
 
     Returns the result dict (also ``ablation.json`` / ``ablation.md`` / ``sheets/`` / ``images/`` under

@@ -91,8 +91,8 @@ def velocities(contexts: Sequence[Context], x_ts: Sequence[torch.Tensor], t, hws
                merged: MergedCache | None = None, packed: bool = True) -> list[torch.Tensor]:
     """Velocity of each ``x_ts[i]`` ([N_i, p*p*C] latent tokens) given ``contexts[i]``, all at timestep
     ``t`` (float or 0-d tensor). ``packed``: ONE decoder call for all (``merged`` = ``merge_caches`` of
-    the contexts' caches, to reuse across steps); else one call per context (no block-diagonal
-    attention waste: better for large images). Returns float32 ``[N_i, p*p*C]`` per item."""
+    the contexts' caches, to reuse across steps); else one call per context. Returns float32
+    ``[N_i, p*p*C]`` per item."""
     if not contexts:
         return []
     model = contexts[0].model
@@ -179,11 +179,9 @@ def generate_images(
             packed batch, identical for one image).
         init_noise: per image ``[N, p*p*C]`` starting noise; else drawn from ``generator`` on the CPU.
         callback: ``callback(step, t, x_list)`` after each step.
-        packed: run all prompts and branches of a step in one decoder call (block-diagonal mask over
-            their concatenated caches; best for small images / many prompts); ``False`` runs one call
-            per branch (attention cost stays per branch; better for large images); an int ``k`` packs the
-            branches ``k`` at a time (the block-diagonal mask's attention grows with the square of the
-            tokens packed, the per-call overhead falls with the number of calls: ``k`` balances the two).
+        packed: run all prompts and branches of a step in one decoder call (each branch attends only
+            its own cache: one row of a padded batch, ``RowLayout``); ``False`` runs one call per branch;
+            an int ``k`` packs the branches ``k`` at a time (caps the memory of one call).
         uncond_plans: plan-guidance contexts (the context without the generated plan), used when
             ``cfg_plan_scale`` is set (``None`` entries: no plan guidance for that image).
         keep: per image ``None`` or ``(z, mask)``: inpaint (module docstring): ``z`` ``[N, p*p*C]`` latent
@@ -411,8 +409,8 @@ def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do
                    temperature: float = 1.0, top_p: float = 1.0, generators: Sequence[torch.Generator | None] | None = None,
                    return_logits: bool = False) -> list[GeneratedText]:
     """:func:`generate_text` for several contexts of any lengths at once: every step feeds the next
-    token of each unfinished context in ONE decoder call (caches concatenated, block-diagonal mask:
-    each token sees its own cache only), so the result equals per-context decoding up to float
+    token of each unfinished context in ONE decoder call (caches concatenated, each token sees its own
+    cache only), so the result equals per-context decoding up to float
     summation order. ``generators[i]`` samples context i."""
     if not contexts:
         return []

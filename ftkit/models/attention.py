@@ -27,6 +27,49 @@ _MODES = {"causal": MODE_CAUSAL, "full": MODE_FULL, "noise": MODE_NOISE}
 
 
 @dataclass
+class RowLayout:
+    """Independent attention problems stacked as one padded batch of rows (:func:`batched_attention`).
+
+    Row ``b``'s queries are tokens ``q_index[b]`` of the query axis, its keys ``k_index[b]`` of the key
+    axis; ``mask`` [B, 1, Qmax, Kmax] (True = may attend) must hide padding keys and give every padding
+    query at least one key; ``back`` [Lq] is each query token's slot in the flattened ``B * Qmax``."""
+
+    q_index: torch.Tensor  # [B, Qmax] long
+    k_index: torch.Tensor  # [B, Kmax] long
+    mask: torch.Tensor  # [B, 1, Qmax, Kmax] bool
+    back: torch.Tensor  # [Lq] long
+
+    @classmethod
+    def for_blocks(cls, past_lens: list[int], q_lens: list[int], causal: list[bool], device=None) -> RowLayout:
+        """The rows of ``forward_blocks``: block i's ``q_lens[i]`` new tokens see its own ``past_lens[i]``
+        cached keys and its own new tokens (causally or fully), on the key axis [all caches | all new]."""
+        P = sum(past_lens)
+        B, Qm = len(q_lens), max(q_lens)
+        Km = max(p + q for p, q in zip(past_lens, q_lens))
+        q_index = torch.zeros(B, Qm, dtype=torch.long)
+        k_index = torch.zeros(B, Km, dtype=torch.long)
+        mask = torch.zeros(B, Qm, Km, dtype=torch.bool)
+        back = []
+        p0 = q0 = 0
+        for b, (pl, ql, c) in enumerate(zip(past_lens, q_lens, causal)):
+            q_index[b, :ql] = torch.arange(q0, q0 + ql)
+            k_index[b, :pl] = torch.arange(p0, p0 + pl)
+            k_index[b, pl:pl + ql] = torch.arange(P + q0, P + q0 + ql)
+            own = torch.ones(ql, ql, dtype=torch.bool)
+            mask[b, :ql, :pl] = True
+            mask[b, :ql, pl:pl + ql] = own.tril() if c else own
+            mask[b, ql:, :pl + ql] = True  # padding queries: any real key (their output is dropped)
+            back.append(b * Qm + torch.arange(ql))
+            p0 += pl
+            q0 += ql
+        return cls(q_index.to(device), k_index.to(device), mask[:, None].to(device), torch.cat(back).to(device))
+
+    def work(self) -> int:
+        """Query-key pairs computed: ``B Qmax Kmax``."""
+        return self.q_index.numel() * self.k_index.shape[1]
+
+
+@dataclass
 class AttentionSpec:
     sample: torch.Tensor  # [L] long
     split: torch.Tensor  # [L] long, globally unique split id
@@ -78,10 +121,9 @@ class AttentionSpec:
 
         A pack of B samples attends block-diagonally: the dense L x L mask spends most of its work on
         pairs of different samples (all masked; the CPU kernels do not skip masked blocks). Stacking the
-        samples as ``[B, Lmax]`` rows costs ``B Lmax^2`` instead of ``L^2``. Returns ``(index, mask,
-        back)``: ``index`` [B, Lmax] token of each slot (padding slots repeat the sample's first token),
-        ``mask`` [B, 1, Lmax, Lmax] (the packed rule; a padding query sees only its own slot, a padding
-        key is seen by nobody), ``back`` [L] each token's slot in the flattened ``B * Lmax``.
+        samples as ``[B, Lmax]`` rows costs ``B Lmax^2`` instead of ``L^2``: a :class:`RowLayout` whose
+        padding slots repeat the sample's first token; its mask is the packed rule (a padding query sees
+        only its own slot, a padding key is seen by nobody).
         """
         if self._grouped is None:
             r = self.ranges
@@ -99,8 +141,8 @@ class AttentionSpec:
                 mask = self.allowed(index[:, :, None], index[:, None, :]) & valid[:, None, :] & valid[:, :, None]
                 mask |= (~valid[:, :, None]) & torch.eye(lm, dtype=torch.bool, device=dev)
                 back = torch.cat([b * lm + torch.arange(e - s, device=dev) for b, (s, e) in enumerate(r)])
-                self._grouped = (index, mask[:, None], back)
-        return None if self._grouped[0] is None else self._grouped
+                self._grouped = (RowLayout(index, index, mask[:, None], back),)
+        return self._grouped[0]
 
     def block_mask(self):
         if self._block is None:
@@ -170,21 +212,34 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: At
         return _sdpa(q, k, v, None, scale, causal=True)
     grouped = spec.grouped()
     if grouped is not None:  # one attention per sample, stacked as a padded batch
-        index, mask, back = grouped
-        B, Lm = index.shape
-        flat = index.reshape(-1)
-        # on CPU in fp32: torch's bf16 flash backward is 3-5x slower than fp32 on such short rows (bench/
-        # bench_pretrain_step.py); long single sequences keep the input dtype, where bf16 is the faster one
-        cpu = q.device.type == "cpu"
-        dt = torch.float32 if cpu else q.dtype
-        rows = lambda x: x.index_select(1, flat).unflatten(1, (B, Lm)).transpose(0, 1).to(dt)  # noqa: E731  [B, h, Lm, d]
-        with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=mask, scale=scale,
-                                                 enable_gqa=gqa)
-        return out.transpose(0, 1).reshape(q.shape[0], B * Lm, q.shape[-1]).index_select(1, back).to(q.dtype)
+        return batched_attention(q, k, v, grouped, scale)
     return _sdpa(q, k, v, spec.dense(), scale)
 
 
-def cached_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of new queries over [cache + new] keys with an explicit [Lq, Lk] mask (inference)."""
+def batched_attention(q, k, v, rows: RowLayout, scale: float) -> torch.Tensor:
+    """q [H, Lq, d], k/v [Hkv, Lk, d] -> [H, Lq, d]: attention of each row of ``rows`` (its own queries
+    over its own keys), the rows run as one batch.
+
+    On CPU in fp32: torch's bf16 flash backward is 3-5x slower than fp32 on such short rows
+    (bench/bench_pretrain_step.py); long single sequences keep the input dtype, where bf16 is faster."""
+    B, Qm = rows.q_index.shape
+    Km = rows.k_index.shape[1]
+    cpu = q.device.type == "cpu"
+    dt = torch.float32 if cpu else q.dtype
+
+    def gather(x, index, n):  # [h, L, d] -> [B, h, n, d]
+        return x.index_select(1, index.reshape(-1)).unflatten(1, (B, n)).transpose(0, 1).to(dt)
+
+    with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(gather(q, rows.q_index, Qm), gather(k, rows.k_index, Km),
+                                             gather(v, rows.k_index, Km), attn_mask=rows.mask, scale=scale,
+                                             enable_gqa=q.shape[0] != k.shape[0])
+    return out.transpose(0, 1).reshape(q.shape[0], B * Qm, q.shape[-1]).index_select(1, rows.back).to(q.dtype)
+
+
+def cached_attention(q, k, v, mask: torch.Tensor | RowLayout, scale: float) -> torch.Tensor:
+    """Attention of new queries over [cache + new] keys (inference): an explicit [Lq, Lk] mask, or the
+    blocks of :func:`ftkit.infer.context.forward_blocks` as a :class:`RowLayout`."""
+    if isinstance(mask, RowLayout):
+        return batched_attention(q, k, v, mask, scale)
     return _sdpa(q, k, v, mask, scale)

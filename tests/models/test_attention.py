@@ -20,8 +20,8 @@ def test_per_sample_attention_equals_dense_mask(dtype):
     # samples of unequal length (padding slots), every split mode, GQA (4 query heads over 2 KV heads)
     splits, L = _pack([[5, 8, 3], [7], [4, 6], [9, 2, 2], [1], [3, 3], [6], [8], [5, 5]])
     spec = AttentionSpec.from_splits(splits, L)
-    index, mask, back = spec.grouped()
-    assert index.shape == (9, 16) and back.shape == (L,)
+    rows = spec.grouped()
+    assert rows.q_index.shape == (9, 16) and rows.back.shape == (L,)
     torch.manual_seed(0)
     q = torch.randn(4, L, 16, dtype=dtype, requires_grad=True)
     k = torch.randn(2, L, 16, dtype=dtype, requires_grad=True)
@@ -55,3 +55,24 @@ def test_sample_ranges_need_contiguous_samples():
     assert spec.grouped() is None
     q = torch.randn(2, 9, 8)
     torch.testing.assert_close(packed_attention(q, q, q, spec, 0.3), _sdpa(q, q, q, spec.dense(), 0.3))
+
+
+def test_cached_blocks_as_rows_equal_the_block_diagonal_mask():
+    # inference: block i's new tokens see its own cache and itself (causal text, full image), key axis =
+    # [all caches | all new tokens]; caches of different lengths, one block without a cache
+    from ftkit.models.attention import RowLayout, cached_attention
+
+    past, new, causal = [5, 0, 9, 3], [4, 6, 1, 6], [True, False, True, False]
+    P, Q = sum(past), sum(new)
+    dense = torch.zeros(Q, P + Q, dtype=torch.bool)
+    p0 = q0 = 0
+    for pl, ql, c in zip(past, new, causal):
+        dense[q0:q0 + ql, p0:p0 + pl] = True
+        own = torch.ones(ql, ql, dtype=torch.bool)
+        dense[q0:q0 + ql, P + q0:P + q0 + ql] = own.tril() if c else own
+        p0, q0 = p0 + pl, q0 + ql
+    rows = RowLayout.for_blocks(past, new, causal)
+    assert rows.work() == 4 * 6 * 10
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, Q, 8, generator=g), torch.randn(2, P + Q, 8, generator=g), torch.randn(2, P + Q, 8, generator=g)
+    torch.testing.assert_close(cached_attention(q, k, v, rows, 0.35), cached_attention(q, k, v, dense, 0.35))
