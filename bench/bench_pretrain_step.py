@@ -64,10 +64,8 @@ def main() -> int:
     layouts = {"dense mask": lambda self: None, "per sample": grouped}
     model, dm = build(args.model)
     model.train()
-    items = []
     it = iter(dm.train_dataloader())
-    for _ in range(4 + 2 * args.steps):
-        items.append(next(it))
+    items = [next(it) for _ in range(4 + 2 * args.steps)]
 
     # the layouts compute the same thing: losses of one pack, fp32, same noise
     losses = {}
@@ -93,7 +91,7 @@ def main() -> int:
         return time.perf_counter() - t
 
     times: dict[str, list[float]] = {n: [] for n in layouts}
-    for i, item in enumerate(items[: 4 + 2 * args.steps]):
+    for i, item in enumerate(items):
         name = list(layouts)[i % 2]
         AttentionSpec.grouped = layouts[name]
         dt = step(item)
@@ -111,12 +109,10 @@ def main() -> int:
     AttentionSpec.grouped = grouped
 
     # pack statistics: samples per pack and the attention work of each layout
-    from ftkit.models.attention import AttentionSpec as Spec
-
     stats = []
     for item in items[4:]:
         b = item.batch
-        spec = Spec.from_splits(b.attention, b.sequence_length)
+        spec = AttentionSpec.from_splits(b.attention, b.sequence_length)
         r = spec.ranges or ((0, b.sequence_length),)
         lm = max(e - s for s, e in r)
         stats.append((b.sequence_length, len(r), lm, len(r) * lm * lm / b.sequence_length ** 2))

@@ -526,7 +526,6 @@ def _check_order(ck: _Checker, steps: list[AnyStep | None]) -> None:
             last_image, image_after_reflect = i, True
 
 
-
 def step_to_dict(step: AnyStep, base_dir: str | os.PathLike | None = None, embed_images: bool = False) -> dict:
     """A step's JSONL form (the inverse of the schema's step parsing); images as paths relative to
     ``base_dir`` or embedded base64, as :meth:`ImageRef.to_json`."""
@@ -543,6 +542,7 @@ def step_to_dict(step: AnyStep, base_dir: str | os.PathLike | None = None, embed
                 "regions": [{"box": list(r.box), "label": r.label, "kind": r.kind} for r in step.regions],
                 "mask": img(step.mask)}
     return {"type": "refine", "image": img(step.image), "mode": step.mode}
+
 
 @dataclass
 class StepRecord:

@@ -171,20 +171,10 @@ def forward_blocks(model, caches: list[KVCache | None] | MergedCache, blocks: li
     past_lens = merged.lens
     q_lens = [len(b) for b in blocks]
     P, Q = sum(past_lens), sum(q_lens)
-    # several blocks: each block's attention as one row of a padded batch (RowLayout) rather than one
-    # [Q, P + Q] mask that is mostly pairs of different blocks (the kernels do not skip masked pairs)
-    rows = RowLayout.for_blocks(past_lens, q_lens, [b.causal for b in blocks], dev) if len(blocks) > 1 else None
-    if rows is not None and 2 * rows.work() <= Q * (P + Q):
-        mask = rows
-    else:
-        mask = torch.zeros(Q, P + Q, dtype=torch.bool, device=dev)
-        p0 = q0 = 0
-        for pl, ql, b in zip(past_lens, q_lens, blocks):
-            mask[q0:q0 + ql, p0:p0 + pl] = True
-            own = torch.ones(ql, ql, dtype=torch.bool, device=dev)
-            mask[q0:q0 + ql, P + q0:P + q0 + ql] = own.tril() if b.causal else own
-            p0 += pl
-            q0 += ql
+    # each block's attention as one row of a padded batch (RowLayout) rather than one [Q, P + Q] mask that
+    # is mostly pairs of different blocks (the kernels do not skip masked pairs); the dense mask when cheaper
+    rows = RowLayout.for_blocks(past_lens, q_lens, [b.causal for b in blocks], dev)
+    mask = rows if len(blocks) > 1 and 2 * rows.work() <= Q * (P + Q) else rows.dense(Q, P + Q)
     if len(blocks) == 1:
         embeds, pos, exp = blocks[0].embeds, blocks[0].position_ids, blocks[0].expert
     else:

@@ -68,6 +68,16 @@ class RowLayout:
         """Query-key pairs computed: ``B Qmax Kmax``."""
         return self.q_index.numel() * self.k_index.shape[1]
 
+    def dense(self, lq: int, lk: int) -> torch.Tensor:
+        """The same rule as one [lq, lk] bool mask (for when one dense call is the cheaper layout)."""
+        B, Qm = self.q_index.shape
+        real = torch.zeros(B * Qm, dtype=torch.bool, device=self.mask.device)
+        real[self.back] = True
+        pairs = self.mask[:, 0] & real.view(B, Qm, 1)  # padding queries dropped; padding keys are never allowed
+        out = torch.zeros(lq, lk, dtype=torch.bool, device=self.mask.device)
+        out[self.q_index[:, :, None].expand_as(pairs)[pairs], self.k_index[:, None, :].expand_as(pairs)[pairs]] = True
+        return out
+
 
 @dataclass
 class AttentionSpec:

@@ -73,6 +73,7 @@ def test_cached_blocks_as_rows_equal_the_block_diagonal_mask():
         p0, q0 = p0 + pl, q0 + ql
     rows = RowLayout.for_blocks(past, new, causal)
     assert rows.work() == 4 * 6 * 10
+    assert torch.equal(rows.dense(Q, P + Q), dense)  # the single-call layout: the same rule
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(4, Q, 8, generator=g), torch.randn(2, P + Q, 8, generator=g), torch.randn(2, P + Q, 8, generator=g)
     torch.testing.assert_close(cached_attention(q, k, v, rows, 0.35), cached_attention(q, k, v, dense, 0.35))
