@@ -179,6 +179,31 @@ def expert_of_parameter(name: str, decoder_prefix: str, experts: tuple[str, ...]
     return "" if comp in EXPERT_BASE_NAMES else None
 
 
+# Modules outside the decoder's experts that only the generation path uses (the flow connectors): for
+# per-expert settings (``model.lr_scale``) they belong to the generative expert.
+FLOW_MODULES = frozenset(("vae2llm", "llm2vae", "time_embedder", "latent_pos_embed"))
+
+
+def parameter_experts(model: nn.Module) -> dict[str, str]:
+    """Name -> expert suffix of every parameter of ``model`` (a BagelModel, bare or peft-wrapped).
+
+    Decoder expert modules and their adapters belong to their expert (:func:`expert_of_parameter`); the
+    flow connectors (:data:`FLOW_MODULES`) to the generative expert ``"_moe_gen"`` when the decoder has
+    one; everything else (embeddings, lm_head, ViT and its connector) to the base expert ``""``, the
+    understanding side that reads them.
+    """
+    dec = find_decoder(model)
+    prefix = next((n + "." if n else "" for n, m in model.named_modules() if m is dec), None)
+    if prefix is None:
+        raise TypeError("could not locate the decoder among the model's modules")
+    gen = "_moe_gen" if "_moe_gen" in dec.experts else ""
+    out = {}
+    for name, _ in model.named_parameters():
+        s = expert_of_parameter(name, prefix, dec.experts)
+        out[name] = s if s is not None else (gen if FLOW_MODULES & set(name.split(".")) else "")
+    return out
+
+
 def tensor_storage_key(p: torch.Tensor) -> tuple:
     """Identity of a tensor's memory: (device, data pointer, numel, dtype); meta tensors by object id."""
     if p.is_meta or p.data_ptr() == 0:
@@ -348,6 +373,7 @@ def upcycle_bagel_to_three(model: BagelModel, mode: str = "copy") -> BagelModel:
 
 
 __all__ = [
+    "FLOW_MODULES",
     "MODES",
     "copy_expert_weights",
     "expert_name",
@@ -355,6 +381,7 @@ __all__ = [
     "expert_parameter_report",
     "expert_slots",
     "find_decoder",
+    "parameter_experts",
     "has_adapters",
     "share_expert_weights",
     "shared_clone",

@@ -70,6 +70,10 @@ class MCoTModule(L.LightningModule):
             its own saved config, which replaces ``adapter``'s, and trained further.
         loss: :class:`~ftkit.train.losses.LossWeights` (ce, mse, steps: {plan: 1, ...}, spatial, kl_prior, semantic).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warm-up then cosine decay.
+        lr_scale: per-expert learning-rate multipliers, e.g. ``{generative: 0.25}``: the parameters of that
+            expert (its decoder modules or their adapters; for ``generative`` also the flow connectors
+            vae2llm / llm2vae / time_embedder) train at ``lr * scale``, the rest at ``lr``. Experts are named
+            as in ``preference.experts`` (``understanding`` / ``linguistic``, ``semantic``, ``generative``).
         timestep_shift: training timestep shift s (t' = s t / (1 + (s-1) t)); upstream trains with 1.0
             at low resolution, 2.0+ at high.
         gradient_checkpointing: recompute each decoder / ViT layer in backward.
@@ -101,6 +105,7 @@ class MCoTModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
+        lr_scale: dict[str, float] | None = None,
         timestep_shift: float = 1.0,
         gradient_checkpointing: bool = False,
         kernels: str = "auto",
@@ -131,6 +136,16 @@ class MCoTModule(L.LightningModule):
         self.adapter_cfg = adapter
         self.preference = preference
         self.loss_weights = loss or LossWeights()
+        from ftkit.adapters.config import EXPERT_SUFFIX
+
+        for name, scale in (lr_scale or {}).items():
+            if name not in EXPERT_SUFFIX:
+                raise ValueError(f"model.lr_scale: unknown expert {name!r}; experts are {', '.join(EXPERT_SUFFIX)}")
+            if not (isinstance(scale, (int, float)) and 0.0 < float(scale) < float("inf")):
+                raise ValueError(f"model.lr_scale.{name}: a finite number > 0, got {scale!r} (to freeze an expert, "
+                                 "leave it out of the adapter preset)")
+        if len({float(v) for k, v in (lr_scale or {}).items() if EXPERT_SUFFIX[k] == ""}) > 1:
+            raise ValueError("model.lr_scale: understanding and linguistic name the same expert; give one scale")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite {nonfinite!r}: choose stop or skip")
         self._skipped = 0
@@ -408,7 +423,8 @@ class MCoTModule(L.LightningModule):
             self.log(f"train/{k}", v, prog_bar=k in ("total", "ce", "mse", "dpo", "reward_acc"), batch_size=bs, sync_dist=False)
         self._tokens += item.batch.sequence_length
         self.log("train/tokens", float(item.batch.sequence_length), batch_size=bs, reduce_fx="sum")
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        g0 = self.trainer.optimizers[0].param_groups[0]
+        self.log("lr", g0["lr"] / g0.get("lr_scale", 1.0), batch_size=bs)  # the schedule's lr (lr_scale 1)
         return loss
 
     def validation_step(self, item, batch_idx):
@@ -440,18 +456,45 @@ class MCoTModule(L.LightningModule):
         self._t0, self._tokens = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ optim
+    def _lr_scales(self) -> dict[int, float]:
+        """id(parameter) -> its ``lr_scale`` for the trainable parameters of the experts ``model.lr_scale`` names."""
+        if not self.hparams.lr_scale:
+            return {}
+        from ftkit.adapters.config import EXPERT_SUFFIX
+        from ftkit.models.experts import find_decoder, parameter_experts
+
+        experts = find_decoder(self.model).experts
+        by_suffix = {EXPERT_SUFFIX[k]: float(v) for k, v in self.hparams.lr_scale.items()}
+        missing = [k for k in self.hparams.lr_scale if EXPERT_SUFFIX[k] not in experts]
+        if missing:
+            have = [k for k, s in EXPERT_SUFFIX.items() if s in experts]
+            raise ValueError(f"model.lr_scale: this model has no {', '.join(missing)} expert (it has: {', '.join(have)})")
+        owner = parameter_experts(self.model)
+        out, counts = {}, {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and owner[name] in by_suffix:
+                out[id(p)] = by_suffix[owner[name]]
+                counts[owner[name]] = counts.get(owner[name], 0) + p.numel()
+        log.info("learning rate per expert: %s; everything else %.2e", ", ".join(
+            f"{k} {self.hparams.lr * float(v):.2e} ({counts.get(EXPERT_SUFFIX[k], 0) / 1e6:.3f}M trainable)"
+            for k, v in self.hparams.lr_scale.items()), self.hparams.lr)
+        return out
+
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the adapter preset matched no module")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale_of = self._lr_scales()
+        groups: dict[tuple[float, bool], list] = {}
+        for p in params:  # one group per (expert scale, weight decay or not)
+            groups.setdefault((scale_of.get(id(p), 1.0), p.dim() >= 2), []).append(p)
+        groups = [{"params": ps, "lr": hp.lr * scale, "lr_scale": scale, "weight_decay": hp.weight_decay if decay else 0.0}
+                  for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
         # plain CPU tensors: the fused AdamW kernel (one call for all parameters instead of a Python loop of
         # ~10 ops per tensor, 2-3% of a tiny-model step); elsewhere torch's default (foreach on CUDA)
         fused = all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in params) or None
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         warm = min(hp.warmup_steps, max(total - 1, 0))
 

@@ -219,3 +219,52 @@ def test_init_adapter_continues_a_saved_adapter(module, fixture_dir, tmp_path):
         torch.testing.assert_close(p, saved[n], rtol=0, atol=0)
     with pytest.raises(ValueError, match="init_adapter"):
         MCoTModule(model_path=str(fixture_dir), full_finetune=True, init_adapter=str(tmp_path / "round1")).configure_model()
+
+
+def test_lr_scale_trains_each_expert_at_its_rate(fixture_dir, item):
+    """One AdamW step moves each weight by ~lr * sign(grad): the generative expert's LoRA and the flow
+    connector by 0.25 lr, the understanding expert's LoRA by lr."""
+    from ftkit.models.experts import parameter_experts
+    from ftkit.train.module import MCoTModule
+
+    lr = 1e-3
+    m = MCoTModule(model_path=str(fixture_dir), dtype="fp32", kernels="torch", attn_impl="sdpa", lr=lr, warmup_steps=0,
+                   lr_scale={"generative": 0.25}, adapter={"method": "lora", "preset": "all-experts", "r": 4,
+                                                           "alpha": 8, "modules_to_save": ["llm2vae"]})
+    m.configure_model()
+    owner = parameter_experts(m.model)
+    assert owner["llm2vae.weight"] == "_moe_gen" and owner["language_model.lm_head.weight"] == ""
+    opt = m.configure_optimizers()["optimizer"]
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters() if p.requires_grad}
+    total, _ = m.compute_losses(item)
+    total.backward()
+    opt.step()
+    moved: dict[str, float] = {}
+    for n, p in m.model.named_parameters():
+        if n in before and ("lora_B" in n or n.startswith("llm2vae")):
+            key = "connector" if n.startswith("llm2vae") else owner[n]
+            moved[key] = max(moved.get(key, 0.0), (p.detach() - before[n]).abs().max().item())
+    assert set(moved) == {"", "_moe_gen", "connector"}, moved
+    assert moved[""] == pytest.approx(lr, rel=1e-3)
+    assert moved["_moe_gen"] == pytest.approx(0.25 * lr, rel=1e-3)
+    assert moved["connector"] == pytest.approx(0.25 * lr, rel=1e-3)
+
+
+@pytest.mark.parametrize("scale, match", [({"vision": 0.5}, "unknown expert 'vision'"),
+                                          ({"generative": 0.0}, "finite number > 0"),
+                                          ({"understanding": 1.0, "linguistic": 2.0}, "same expert")])
+def test_lr_scale_refuses_bad_values(fixture_dir, scale, match):
+    from ftkit.train.module import MCoTModule
+
+    with pytest.raises(ValueError, match=match):
+        MCoTModule(model_path=str(fixture_dir), adapter={"r": 4}, lr_scale=scale)
+
+
+def test_lr_scale_names_an_expert_the_model_lacks(fixture_dir):
+    from ftkit.train.module import MCoTModule
+
+    m = MCoTModule(model_path=str(fixture_dir), dtype="fp32", kernels="torch", adapter={"r": 4},
+                   lr_scale={"semantic": 0.5})
+    m.configure_model()
+    with pytest.raises(ValueError, match="no semantic expert"):
+        m.configure_optimizers()
