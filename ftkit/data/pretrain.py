@@ -17,6 +17,11 @@ Record ``i`` (1-based) of a set with seed ``seed`` becomes
   tokens are never targets in pretraining, and their ``lm_head`` rows all drift the same way (each step
   pushes every non-target logit down), so an adapter cannot tell them apart.
 
+With ``plan_act`` (FoX's "plan & act" in pretraining), the text-to-image records with ``i % 3 == 2`` carry
+the plan first: ``{"task": "t2i", "prompt": PROMPT, "steps": [plan CAPTION + BOXES, draft IMAGE]}`` (CE on
+the plan, flow loss on the image given prompt and plan), so the base model already draws from a written
+layout and MCoT fine-tuning does not have to teach it; text-to-image from the prompt alone keeps 1/3.
+
 ``meta`` keeps the scene's GenEval metadata. Written like :func:`ftkit.data.shapes.generate` (temporary
 folder renamed into place).
 """
@@ -45,7 +50,7 @@ def pretrain_tag(index: int) -> str:
     return TAGS[((block - 1) // 2) % len(TAGS)]  # captioning and judging alternate
 
 
-def pretrain_record(index: int, seed: int, size: int = 64) -> tuple[dict, bytes]:
+def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = False) -> tuple[dict, bytes]:
     """``(record, png)`` of record ``index``; the record's image path is ``images/<id>.png``."""
     judge = index % 6 == 0
     rec, images = make_record(index, seed, size, tag=pretrain_tag(index),
@@ -58,16 +63,18 @@ def pretrain_record(index: int, seed: int, size: int = 64) -> tuple[dict, bytes]
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
                "steps": [{**draft, "image": path}, rec["steps"][2]], "supervise": ["reflect"]}
     elif index % 3:
+        steps = [{"type": "draft", "image": path, "partial": False}]
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
-               "steps": [{"type": "draft", "image": path, "partial": False}]}
+               "steps": [plan, *steps] if plan_act and index % 3 == 2 else steps}
     else:
         out = {"id": rec["id"], "task": "edit", "prompt": DESCRIBE, "input_image": path, "meta": meta,
                "steps": [plan]}
     return out, _png_bytes(images[draft["image"]])
 
 
-def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int = 64) -> Path:
-    """Write ``n`` pretraining records to ``out/records.jsonl`` (+ ``out/images/``); refuses an existing ``out``."""
+def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int = 64, plan_act: bool = False) -> Path:
+    """Write ``n`` pretraining records to ``out/records.jsonl`` (+ ``out/images/``); refuses an existing ``out``.
+    ``plan_act``: a third of all records are plan & act (module docstring)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: exists; pretraining data is generated once")
@@ -77,7 +84,7 @@ def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int =
         (tmp / "images").mkdir()
         with open(tmp / "records.jsonl", "w", encoding="utf-8", newline="\n") as fh:
             for i in range(1, n + 1):
-                rec, png = pretrain_record(i, seed, size)
+                rec, png = pretrain_record(i, seed, size, plan_act)
                 (tmp / f"images/{rec['id']}.png").write_bytes(png)
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, out)

@@ -167,7 +167,8 @@ class MCoTDataModule(L.LightningDataModule):
             Needs ``cfg_dropout: null`` (both sequences of a pair must see the same context).
         generate_shapes: ``{out, n, seed, size}``: generate the shapes-world set at ``out`` in
             ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone); with
-            ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain`; with
+            ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain` (``plan_act:
+            true``: a third of it plan & act); with
             ``tasks: [plan-act, reflect, correct, mcot]`` each record as FoX's separate tasks
             (:mod:`ftkit.data.tasks`).
     """
@@ -223,7 +224,8 @@ class MCoTDataModule(L.LightningDataModule):
             from ftkit.data.pretrain import generate_pretrain
 
             log.info("generating shapes-world pretraining data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs["seed"])
-            generate_pretrain(gs["out"], gs["n"], seed=gs["seed"], size=gs.get("size", 64))
+            generate_pretrain(gs["out"], gs["n"], seed=gs["seed"], size=gs.get("size", 64),
+                              plan_act=bool(gs.get("plan_act", False)))
         elif gs and not (Path(gs["out"]) / "records.jsonl").is_file():
             from ftkit.data.shapes import generate
 

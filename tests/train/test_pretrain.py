@@ -62,6 +62,23 @@ def test_pretrain_records_validate(tmp_path):
         assert {r.meta["tag"] for r in task} == set(TAGS)
 
 
+def test_pretrain_plan_act_records(tmp_path):
+    """plan_act: records i % 3 == 2 are prompt -> plan -> image of the same scene (the plan's boxes are the
+    rendered image's), every other record as without it."""
+    from ftkit.data.dataset import load_records
+    from ftkit.data.pretrain import generate_pretrain
+
+    plain = list(load_records(str(generate_pretrain(tmp_path / "a", 12, size=32) / "records.jsonl")))
+    recs = list(load_records(str(generate_pretrain(tmp_path / "b", 12, size=32, plan_act=True) / "records.jsonl")))
+    for i, (a, b) in enumerate(zip(plain, recs, strict=True), 1):
+        assert a.prompt == b.prompt and a.meta == b.meta
+        if i % 3 == 2:
+            assert [s.type for s in b.steps] == ["plan", "draft"] and b.supervise in (None, ())
+            assert b.steps[0].boxes and b.steps[1].image.path.read_bytes() == a.steps[0].image.path.read_bytes()
+        else:
+            assert [s.type for s in b.steps] == [s.type for s in a.steps]
+
+
 @pytest.mark.slow
 def test_tiny_pretrain_recipe_fits_resumes_and_exports(ae_run, tmp_path):
     from ftkit.data.pretrain import generate_pretrain
