@@ -138,30 +138,27 @@ def attach_adapters(model: nn.Module, cfg: AdapterConfig, *, keep_base_copies: b
 
 def train_only_experts(model: nn.Module, experts: list[str]) -> int:
     """Freeze the adapter weights of every expert not named in ``experts`` (``understanding`` / ``linguistic``,
-    ``semantic``, ``generative``); the modules_to_save (flow connectors, generative side) train only with
-    ``generative``. Returns how many adapter parameters still train.
+    ``semantic``, ``generative``); a modules_to_save module trains with the expert that owns it
+    (:func:`ftkit.models.experts.parameter_experts`: the flow connectors with ``generative``, lm_head /
+    embeddings / the ViT connector with ``understanding``). Returns how many adapter parameters still train.
 
     Raises:
         AdapterStateError: no adapters attached, an unknown expert name, or nothing left to train.
     """
-    import re
-
-    from ftkit.adapters.config import EXPERT_SUFFIX, expert_pattern, model_experts
+    from ftkit.adapters.config import EXPERT_SUFFIX
+    from ftkit.models.experts import parameter_experts
 
     cfg = adapter_config_of(model)
     unknown = [e for e in experts if e not in EXPERT_SUFFIX]
     if unknown:
         raise AdapterStateError(f"unknown expert(s) {unknown}; experts are {', '.join(EXPERT_SUFFIX)}")
-    suffixes = {EXPERT_SUFFIX[e] for e in experts} & set(model_experts(model))
-    pats = [re.compile(expert_pattern(s)) for s in suffixes]
+    suffixes = {EXPERT_SUFFIX[e] for e in experts}
+    owner = parameter_experts(model)
     mts = {full for full, *_ in _mts_params(model, cfg)}
     n = 0
     for name, p in model.named_parameters():
-        if name in mts:
-            p.requires_grad_("generative" in experts)
-        elif is_adapter_parameter(name):
-            module = re.split(r"\.lora_", name)[0]
-            p.requires_grad_(any(pat.fullmatch(module) for pat in pats))
+        if name in mts or is_adapter_parameter(name):
+            p.requires_grad_(owner[name] in suffixes)
         n += int(p.requires_grad)
     if n == 0:
         raise AdapterStateError(f"no adapter weight of the experts {experts} to train (the adapter's preset is "

@@ -373,3 +373,22 @@ def test_bf16_base_keeps_fp32_adapters(fixture_dir):
     logits.float().sum().backward()
     text_expert = [p for n, p in tp.items() if "lora_" in n and "_moe_" not in n]  # text uses expert ""
     assert text_expert and all(p.grad is not None and p.grad.dtype == torch.float32 for p in text_expert)
+
+
+def test_train_only_experts_trains_each_module_with_its_owner(fresh):
+    """A modules_to_save module trains with the expert that owns it: lm_head with understanding, the flow
+    connector llm2vae with generative; the other expert's LoRA is frozen."""
+    from ftkit.adapters.attach import train_only_experts
+
+    for experts, trains, frozen in ((["understanding"], ("lm_head", "q_proj.lora"), ("llm2vae", "q_proj_moe_gen")),
+                                    (["generative"], ("llm2vae", "q_proj_moe_gen.lora"), ("lm_head", "q_proj.lora"))):
+        m = attach_adapters(fresh(), AdapterConfig(preset="all-experts", r=4, alpha=8,
+                                                   modules_to_save=["llm2vae", "lm_head"]))
+        train_only_experts(m, experts)
+        on = {n for n, p in m.named_parameters() if p.requires_grad}
+        for key in trains:
+            assert any(key in n for n in on), (experts, key)
+        for key in frozen:
+            assert not any(key in n for n in on), (experts, key, sorted(n for n in on if key in n)[:3])
+    with pytest.raises(AdapterStateError, match="unknown expert"):
+        train_only_experts(m, ["vision"])
