@@ -113,11 +113,11 @@ def untie_adapted_weights(model: nn.Module) -> tuple[list[str], list[str]]:
     Returns:
         (untied expert suffixes, names of other untied LoRA-target parameters).
     """
-    from ftkit.models.experts import expert_of_parameter, expert_slots, find_decoder
+    from ftkit.models.experts import decoder_prefix, expert_of_parameter, expert_slots, find_decoder
 
     dec = find_decoder(model)
     experts = tuple(dec.experts)
-    prefix = next(n + "." for n, m in model.named_modules() if m is dec)
+    prefix = decoder_prefix(model, dec)
     layers = lora_layers(model)
     adapted = {expert_of_parameter(n + ".weight", prefix, experts) for n in layers} - {None}
     slots = {s: [x for _, parent, base in expert_slots(dec) for x in _base_params(getattr(parent, base + s))]

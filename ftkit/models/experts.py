@@ -163,6 +163,16 @@ def copy_expert_weights(model: nn.Module, src: str, dst: str) -> nn.Module:
     return model
 
 
+def decoder_prefix(model: nn.Module, dec: nn.Module | None = None) -> str:
+    """The name prefix of the decoder's parameters in ``model`` (``"language_model.model."`` in a BagelModel;
+    ``""`` when ``model`` is the decoder). ``dec``: the decoder when already found."""
+    dec = find_decoder(model) if dec is None else dec
+    prefix = next((n + "." if n else "" for n, m in model.named_modules() if m is dec), None)
+    if prefix is None:
+        raise TypeError("could not locate the decoder among the model's modules")
+    return prefix
+
+
 def expert_of_parameter(name: str, decoder_prefix: str, experts: tuple[str, ...]) -> str | None:
     """The expert suffix owning parameter ``name`` (a full name from ``model.named_parameters()``), or
     ``None`` for parameters outside the expert modules (embeddings, lm_head, ViT, connectors...)."""
@@ -193,9 +203,7 @@ def parameter_experts(model: nn.Module) -> dict[str, str]:
     understanding side that reads them.
     """
     dec = find_decoder(model)
-    prefix = next((n + "." if n else "" for n, m in model.named_modules() if m is dec), None)
-    if prefix is None:
-        raise TypeError("could not locate the decoder among the model's modules")
+    prefix = decoder_prefix(model, dec)
     gen = "_moe_gen" if "_moe_gen" in dec.experts else ""
     out = {}
     for name, _ in model.named_parameters():
@@ -241,9 +249,7 @@ def expert_parameter_report(model: nn.Module) -> dict:
     """
     dec = find_decoder(model)
     experts = dec.experts
-    prefix = next((n + "." if n else "" for n, m in model.named_modules() if m is dec), None)
-    if prefix is None:
-        raise TypeError("could not locate the decoder among the model's modules")
+    prefix = decoder_prefix(model, dec)
     per = {s: {"keys": set(), "adapter": set(), "params": 0, "adapter_params": 0, "trainable": 0} for s in experts}
     other: dict[tuple, int] = {}
     adapters: dict[tuple, int] = {}
@@ -376,6 +382,7 @@ __all__ = [
     "FLOW_MODULES",
     "MODES",
     "copy_expert_weights",
+    "decoder_prefix",
     "expert_name",
     "expert_of_parameter",
     "expert_parameter_report",
