@@ -10,6 +10,7 @@ Output folders are written under a temporary name beside ``--out`` and renamed w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,18 @@ def _add_model_args(ap: argparse.ArgumentParser) -> None:
                    help="weights and compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--quantize", default=None, choices=["nf4", "int8"], help="load decoder Linears in 4/8 bit")
+    g.add_argument("--no-merge", action="store_true",
+                   help="keep the adapter as a separate branch while sampling (default: fold LoRA/DoRA into float "
+                        "weights for the run, ~20%% faster on a tiny model; 4-bit layers are never merged)")
+
+
+def _merged(model, a: argparse.Namespace):
+    """The run's adapter folded into the weights (``adapters_merged``) unless ``--no-merge`` or no adapter."""
+    if a.adapter is None or a.no_merge:
+        return contextlib.nullcontext()
+    from ftkit.adapters.attach import adapters_merged
+
+    return adapters_merged(model)
 
 
 def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: int = 128) -> None:
@@ -157,7 +170,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "load_seconds": round(t_load, 3)}
         check_finite(model, a.adapter or a.model)
         try:
-            with atomic_dir(out, overwrite=True) as tmp:
+            with atomic_dir(out, overwrite=True) as tmp, _merged(model, a):
                 index = generate_prompts(model, tok, prompts, tmp, mode=a.mode, rounds=a.rounds, plan=not a.no_plan,
                                          image_hw=hw, sampler=sampler, text=text, seed=a.seed, info=info)
         except OSError as e:
@@ -246,8 +259,9 @@ def _eval_flow(a: argparse.Namespace) -> int:
         records = list(load_records(a.data, registry=a.registry))[: a.n]
         model, tok = load_for_inference(a.model, a.adapter, dtype=a.dtype, device=a.device, quantize=a.quantize)
         check_finite(model, a.adapter or a.model)
-        res, sheet = flow_by_timestep(model, tok, records, a.timesteps or DEFAULT_TIMESTEPS,
-                                      image_hw=(a.size, a.size), seed=a.seed)
+        with _merged(model, a):
+            res, sheet = flow_by_timestep(model, tok, records, a.timesteps or DEFAULT_TIMESTEPS,
+                                          image_hw=(a.size, a.size), seed=a.seed)
         res.update(model=str(Path(a.model).resolve()), adapter=str(Path(a.adapter).resolve()) if a.adapter else None,
                    data=a.data)
         with atomic_dir(out, overwrite=True) as tmp:
@@ -322,11 +336,14 @@ def eval_main(argv: list[str] | None = None) -> int:
 
                 res = run_ablation(model, tok, records, modes=tuple(a.ablation_modes or ABLATION_MODES),
                                    batch_size=a.batch, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
-                                   detector=detector, color_fn=color_fn, out_dir=tmp, info=info, rounds=a.rounds)
+                                   detector=detector, color_fn=color_fn, out_dir=tmp, info=info, rounds=a.rounds,
+                                   merge_adapters=not a.no_merge)
             else:
-                res = evaluate_shapes(model, tok, records, detector=detector, color_fn=color_fn, modes=tuple(a.modes),
-                                      rounds=a.rounds, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
-                                      out_dir=tmp, info=info)
+                with _merged(model, a):
+                    res = evaluate_shapes(model, tok, records, detector=detector, color_fn=color_fn,
+                                          modes=tuple(a.modes),
+                                          rounds=a.rounds, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
+                                          out_dir=tmp, info=info)
     except _errors() as e:
         print(f"ftkit eval: error: {_fmt_err(e)}", file=sys.stderr)
         return 1

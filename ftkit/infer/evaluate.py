@@ -427,7 +427,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                  batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None, seed: int = 0,
                  detector: Detector | None = None, color_fn=None, out_dir: str | os.PathLike | None = None,
                  n_boot: int = 2000, progress: bool = True, info: dict | None = None, sheet_rows: int = 24,
-                 pack_tokens: int = 8192, reflect: bool = False, rounds: int = 2) -> dict:
+                 pack_tokens: int = 8192, reflect: bool = False, rounds: int = 2,
+                 merge_adapters: bool = True) -> dict:
     """FoX's ablation on the same prompts, batched (``batch_size`` prompts per sampler / decoder call).
 
     Modes (record ``i`` draws its starting noises ``eps1, eps2`` from ``Generator(seed + i)``, shared by
@@ -467,13 +468,15 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     their query blocks (image tokens + markers, all guidance branches) up to ``pack_tokens`` tokens per
     decoder call, each block attending its own cache as one row of a padded batch (``generate_images(packed=k)``);
     plans and reflections are decoded for the whole batch at once (:func:`~ftkit.infer.sampler.generate_texts`).
+    ``merge_adapters``: each batch's adapter stages run with the adapters folded into the weights
+    (:func:`~ftkit.adapters.attach.adapters_merged`; the base weights are restored exactly for ``base``).
 
     Returns the result dict (also ``ablation.json`` / ``ablation.md`` / ``sheets/`` / ``images/`` under
     ``out_dir``). Raises ValueError for an unknown mode, no records, a bad record or size.
     """
     from tqdm.auto import tqdm
 
-    from ftkit.adapters.attach import adapters_disabled, has_adapters
+    from ftkit.adapters.attach import adapters_disabled, adapters_merged, has_adapters
     from ftkit.data.geneval import judge_image
     from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
     from ftkit.infer.context import GuidanceContexts
@@ -555,87 +558,90 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         if "base" in need:
             with clock("base"), (adapters_disabled(model) if adapted else contextlib.nullcontext()):
                 imgs["base"] = sample(user(prompts), bt.eps1, plain=True)[1]
-        if "t2i" in need:
-            with clock("t2i"):
-                gcs_t = user(prompts)
-                imgs["t2i"] = sample(gcs_t, bt.eps1, plain=True)[1]
-        if "twice" in need:
-            with clock("twice"):
-                for g, im, gen in zip(gcs_t, imgs["t2i"], bt.gens):
-                    g.add_image(im, vae_hw=hw, vit_hw=vit_hw, generator=gen)
-                imgs["t2i-twice"] = sample(gcs_t, bt.eps2)[1]
-        if "plan" in need:
-            with clock("plan"):
-                gcs_p = user(prompts)
-                plans = []
-                for g, (ids, ptxt) in zip(gcs_p, decode_all(gcs_p, ts.max_plan_tokens)):
-                    try:
-                        pl = parse_plan(ptxt)
-                    except ParseError:
-                        pl = None
-                    g.add_generated_text(ids)
-                    plans.append((ptxt, pl))
-            if "draft" in need:
-                with clock("draft"):
-                    lat_d, imgs["plan-act"] = sample(gcs_p, bt.eps1)
-            if "guided" in need:
-                with clock("guided"):
-                    imgs["plan-guided"] = sample(gcs_p, bt.eps1, plan_guided=True)[1]
-        if "reflect" in need:
-            with clock("reflect"):
-                for g, im, gen in zip(gcs_p, imgs["plan-act"], bt.gens):
-                    g.add_image(im, vae_hw=hw, vit_hw=vit_hw, generator=gen)
-                refls = []
-                for ids, rtxt in decode_all(gcs_p, ts.max_reflect_tokens):
-                    try:
-                        r = parse_reflection(rtxt)
-                    except ParseError:
-                        r = None
-                    refls.append((ids, rtxt, r, "revise" if r is None else r.verdict))
-                rev = [k for k, r in enumerate(refls) if r[3] != "ok"]
-                for k in rev:
-                    gcs_p[k].add_generated_text(refls[k][0])
-                masks = {k: flagged_tokens(refls[k][2]) for k in rev}
-            used = [1] * len(idx)  # images per prompt in mode mcot, draft included
-            for stage, mode in (("inpaint", "mcot"), ("regen", "mcot-regen")):
-                if stage not in need:
-                    continue
-                final = list(imgs["plan-act"])
-                if rev:
-                    keep = [(lat_d[k], masks[k]) for k in rev] if stage == "inpaint" else None
-                    with clock(stage):
-                        lat_f, fixed = sample([gcs_p[k] for k in rev], [bt.eps2[k] for k in rev], keep)
-                    for k, im in zip(rev, fixed):
-                        final[k] = im
-                    if stage == "inpaint":
-                        for k in rev:
-                            used[k] = 2
-                        cur = {k: z for k, z in zip(rev, lat_f)}
-                        for r in range(3, rounds + 1):  # reflect on the correction, inpaint again while `revise`
-                            with clock("reflect"):
-                                for k in cur:
-                                    gcs_p[k].add_image(final[k], vae_hw=hw, vit_hw=vit_hw, generator=bt.gens[k])
-                                keys = list(cur)
-                                again = {}
-                                for k, (ids, rtxt) in zip(keys, decode_all([gcs_p[k] for k in keys],
-                                                                           ts.max_reflect_tokens)):
-                                    try:
-                                        rf = parse_reflection(rtxt)
-                                    except ParseError:
-                                        rf = None
-                                    if rf is None or rf.verdict != "ok":
-                                        gcs_p[k].add_generated_text(ids)
-                                        again[k] = flagged_tokens(rf)
-                            if not again:
-                                break
-                            keys = list(again)
-                            with clock(stage):
-                                lat_f, fixed = sample([gcs_p[k] for k in keys], [bt.eps_round(k, r) for k in keys],
-                                                      [(cur[k], again[k]) for k in keys])
-                            cur = {k: z for k, z in zip(keys, lat_f)}
-                            for k, im in zip(keys, fixed):
-                                final[k], used[k] = im, r
-                imgs[mode] = final
+        with contextlib.ExitStack() as merged:  # the adapter stages run on merged weights (one branch less)
+            if adapted and merge_adapters:
+                merged.enter_context(adapters_merged(model))
+            if "t2i" in need:
+                with clock("t2i"):
+                    gcs_t = user(prompts)
+                    imgs["t2i"] = sample(gcs_t, bt.eps1, plain=True)[1]
+            if "twice" in need:
+                with clock("twice"):
+                    for g, im, gen in zip(gcs_t, imgs["t2i"], bt.gens):
+                        g.add_image(im, vae_hw=hw, vit_hw=vit_hw, generator=gen)
+                    imgs["t2i-twice"] = sample(gcs_t, bt.eps2)[1]
+            if "plan" in need:
+                with clock("plan"):
+                    gcs_p = user(prompts)
+                    plans = []
+                    for g, (ids, ptxt) in zip(gcs_p, decode_all(gcs_p, ts.max_plan_tokens)):
+                        try:
+                            pl = parse_plan(ptxt)
+                        except ParseError:
+                            pl = None
+                        g.add_generated_text(ids)
+                        plans.append((ptxt, pl))
+                if "draft" in need:
+                    with clock("draft"):
+                        lat_d, imgs["plan-act"] = sample(gcs_p, bt.eps1)
+                if "guided" in need:
+                    with clock("guided"):
+                        imgs["plan-guided"] = sample(gcs_p, bt.eps1, plan_guided=True)[1]
+            if "reflect" in need:
+                with clock("reflect"):
+                    for g, im, gen in zip(gcs_p, imgs["plan-act"], bt.gens):
+                        g.add_image(im, vae_hw=hw, vit_hw=vit_hw, generator=gen)
+                    refls = []
+                    for ids, rtxt in decode_all(gcs_p, ts.max_reflect_tokens):
+                        try:
+                            r = parse_reflection(rtxt)
+                        except ParseError:
+                            r = None
+                        refls.append((ids, rtxt, r, "revise" if r is None else r.verdict))
+                    rev = [k for k, r in enumerate(refls) if r[3] != "ok"]
+                    for k in rev:
+                        gcs_p[k].add_generated_text(refls[k][0])
+                    masks = {k: flagged_tokens(refls[k][2]) for k in rev}
+                used = [1] * len(idx)  # images per prompt in mode mcot, draft included
+                for stage, mode in (("inpaint", "mcot"), ("regen", "mcot-regen")):
+                    if stage not in need:
+                        continue
+                    final = list(imgs["plan-act"])
+                    if rev:
+                        keep = [(lat_d[k], masks[k]) for k in rev] if stage == "inpaint" else None
+                        with clock(stage):
+                            lat_f, fixed = sample([gcs_p[k] for k in rev], [bt.eps2[k] for k in rev], keep)
+                        for k, im in zip(rev, fixed):
+                            final[k] = im
+                        if stage == "inpaint":
+                            for k in rev:
+                                used[k] = 2
+                            cur = {k: z for k, z in zip(rev, lat_f)}
+                            for r in range(3, rounds + 1):  # reflect on the correction, inpaint again while `revise`
+                                with clock("reflect"):
+                                    for k in cur:
+                                        gcs_p[k].add_image(final[k], vae_hw=hw, vit_hw=vit_hw, generator=bt.gens[k])
+                                    keys = list(cur)
+                                    again = {}
+                                    for k, (ids, rtxt) in zip(keys, decode_all([gcs_p[k] for k in keys],
+                                                                               ts.max_reflect_tokens)):
+                                        try:
+                                            rf = parse_reflection(rtxt)
+                                        except ParseError:
+                                            rf = None
+                                        if rf is None or rf.verdict != "ok":
+                                            gcs_p[k].add_generated_text(ids)
+                                            again[k] = flagged_tokens(rf)
+                                if not again:
+                                    break
+                                keys = list(again)
+                                with clock(stage):
+                                    lat_f, fixed = sample([gcs_p[k] for k in keys], [bt.eps_round(k, r) for k in keys],
+                                                          [(cur[k], again[k]) for k in keys])
+                                cur = {k: z for k, z in zip(keys, lat_f)}
+                                for k, im in zip(keys, fixed):
+                                    final[k], used[k] = im, r
+                    imgs[mode] = final
         for k, i in enumerate(idx):
             rid, prompt, meta = bt.fields[k]
             where = f"record {i} ({rid})"
@@ -708,6 +714,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         "stage_seconds": {s: round(v, 3) for s, v in secs.items() if s in need},
         "adapter_attached": adapted,
         "settings": {"batch_size": batch_size, "pack": pack, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
+                     "merged_adapters": bool(adapted and merge_adapters),
                      "sampler": {**skw, "cfg_interval": list(sampler.cfg_interval),
                                  **({"cfg_plan_scale": plan_scale} if "plan-guided" in modes else {})},
                      "text": {"max_plan_tokens": ts.max_plan_tokens, "max_reflect_tokens": ts.max_reflect_tokens},

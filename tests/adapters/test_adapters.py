@@ -23,7 +23,7 @@ from ftkit.adapters import (
     set_adapters_enabled,
     trainable_parameters,
 )
-from ftkit.adapters.attach import AdapterStateError, lora_layers
+from ftkit.adapters.attach import AdapterStateError, adapters_merged, lora_layers
 from ftkit.adapters.merge import probe_batch, run_probe
 from ftkit.models.bagel import BagelModel
 from ftkit.models.config import BagelConfig
@@ -202,6 +202,52 @@ def test_adapters_disabled_gives_base_outputs_exactly(fresh, probe):
     assert outputs_equal(run_probe(m, probe), ref)
     set_adapters_enabled(m, True)
     assert outputs_equal(run_probe(m, probe), adapted)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapters_merged_computes_the_adapted_function_and_restores_the_base_exactly(fresh, probe, method):
+    ref = run_probe(fresh(), probe)
+    m = fresh()
+    attach_adapters(m, AdapterConfig(method=method, preset="all-experts", r=4, modules_to_save=["vae2llm"]))
+    randomize_adapters(m)
+    adapted = run_probe(m, probe)
+    base_w = {n: lay.get_base_layer().weight for n, lay in lora_layers(m).items()}
+    before = {n: w.detach().clone() for n, w in base_w.items()}
+    with adapters_merged(m):
+        assert all(lay.merged for lay in lora_layers(m).values())
+        # folded in: the base weight now differs, and the forward no longer needs the adapter branch
+        lay = m.language_model.model.layers[0].self_attn.q_proj
+        assert not torch.equal(lay.get_base_layer().weight, before["language_model.model.layers.0.self_attn.q_proj"])
+        merged = run_probe(m, probe)
+        for k in adapted:
+            torch.testing.assert_close(merged[k], adapted[k], atol=1e-4, rtol=1e-4)
+    assert not any(lay.merged for lay in lora_layers(m).values())
+    # the same tensors as before, bit for bit (restored, not W' - BA), and the same outputs as never merged
+    assert all(lay.get_base_layer().weight is base_w[n] and torch.equal(base_w[n], before[n])
+               for n, lay in lora_layers(m).items())
+    assert outputs_equal(run_probe(m, probe), adapted)
+    with adapters_disabled(m):
+        assert outputs_equal(run_probe(m, probe), ref)
+        with pytest.raises(AdapterStateError, match="switched off"), adapters_merged(m):
+            pass
+
+
+def test_adapters_merged_leaves_4bit_layers_unmerged(fresh, probe):
+    m = fresh(quantize="nf4")
+    attach_adapters(m, AdapterConfig(preset="all-experts", r=4, alpha=8.0))
+    randomize_adapters(m, scale=0.05)
+    for lay in lora_layers(m).values():  # see the brief: bnb's CPU path repacks 4-bit weights after eval forwards
+        if hasattr(lay.get_base_layer(), "support_avx512bf16_for_cpu"):
+            lay.get_base_layer().support_avx512bf16_for_cpu = False
+    adapted = run_probe(m, probe)
+    kinds = {type(lay.get_base_layer()).__name__ for lay in lora_layers(m).values()}
+    assert "Linear4bit" in kinds
+    with adapters_merged(m):
+        merged = {type(lay.get_base_layer()).__name__: lay.merged for lay in lora_layers(m).values()}
+        assert merged["Linear4bit"] is False
+        out = run_probe(m, probe)
+    for k in adapted:
+        torch.testing.assert_close(out[k], adapted[k], atol=1e-4, rtol=1e-4)
 
 
 def test_disable_without_base_copies_refuses(fresh):

@@ -203,10 +203,12 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
         assert (out / "sheets" / f"failures_{m}.png").is_file()
     assert (out / "sheets" / "corrections.png").is_file()
 
-    # batching does not change the results
+    # batching does not change the results, nor does keeping the adapter unmerged (the default merges it)
+    assert res["settings"]["merged_adapters"] is True
     res1 = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 1)), records, modes=ALL_ABLATION_MODES,
                         batch_size=1, image_hw=HW, sampler=SamplerSettings(num_timesteps=3), text=TextSettings(8, 8),
-                        out_dir=tmp_path / "out1", n_boot=200, progress=False)
+                        out_dir=tmp_path / "out1", n_boot=200, progress=False, merge_adapters=False)
+    assert res1["settings"]["merged_adapters"] is False
     for m in ALL_ABLATION_MODES:
         for r, r1 in zip(res["prompts"], res1["prompts"]):
             a, b = (np.asarray(_open(o / x[m]["image"])).astype(int) for o, x in ((out, r), (tmp_path / "out1", r1)))
