@@ -256,8 +256,8 @@ def adapters_merged(model: nn.Module):
     try:
         for layer in lora_layers(model).values():
             w = getattr(layer.get_base_layer(), "weight", None)
-            if layer.merged or not isinstance(w, nn.Parameter) or not w.dtype.is_floating_point \
-                    or type(w) is not nn.Parameter:  # bnb Params4bit / Int8Params are Parameter subclasses
+            # exactly nn.Parameter: bnb's Params4bit / Int8Params are subclasses (quantized, never merged)
+            if layer.merged or type(w) is not nn.Parameter or not w.dtype.is_floating_point:
                 continue
             done.append((layer, w.data))
             w.data = w.data.clone()
