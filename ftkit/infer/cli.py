@@ -167,7 +167,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         model, tok = load_for_inference(a.model, a.adapter, dtype=a.dtype, device=a.device, quantize=a.quantize)
         t_load = time.perf_counter() - t0
         info = {"model": str(Path(a.model).resolve()), "adapter": str(Path(a.adapter).resolve()) if a.adapter else None,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "load_seconds": round(t_load, 3)}
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "load_seconds": round(t_load, 3),
+                "merged_adapter": a.adapter is not None and not a.no_merge}
         check_finite(model, a.adapter or a.model)
         try:
             with atomic_dir(out, overwrite=True) as tmp, _merged(model, a):

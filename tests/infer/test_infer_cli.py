@@ -138,11 +138,18 @@ def test_generate_base_adapter_and_merged(env):
     assert base["adapter"] is None and adapted["adapter"] == str(env["adapter"].resolve())
     assert base["mode"] == "mcot" and base["sampler"]["num_timesteps"] == 3 and base["text"]["max_plan_tokens"] == 8
     assert (env["merged"] / "model.safetensors.index.json").is_file()  # the sharded layout was loaded
-    for eb, ea, em in zip(base["prompts"], adapted["prompts"], merged["prompts"]):
-        b, a, m = (png(d / e["rounds"][0]) for d, e in ((root / "gen_base", eb), (root / "gen_adapter", ea),
-                                                          (root / "gen_merged", em)))
+    # --no-merge: the adapter as a branch while sampling (the default folds it into the weights for the run)
+    rc = generate_main(["--model", str(env["model"]), "--adapter", str(env["adapter"]), "--prompt", *PROMPTS,
+                        "--out", str(root / "gen_branch"), "--no-merge", *FAST])
+    assert rc == 0
+    branch = check_generate_dir(root / "gen_branch", PROMPTS)
+    assert adapted["merged_adapter"] is True and branch["merged_adapter"] is False and base["merged_adapter"] is False
+    for eb, ea, em, er in zip(base["prompts"], adapted["prompts"], merged["prompts"], branch["prompts"]):
+        b, a, m, r = (png(d / e["rounds"][0]) for d, e in ((root / "gen_base", eb), (root / "gen_adapter", ea),
+                                                             (root / "gen_merged", em), (root / "gen_branch", er)))
         assert np.abs(a - b).mean() > 1.0  # the trained adapter changes the drafts
         assert np.abs(a - m).max() <= 3  # merged (fp32) == base + adapter up to rounding
+        assert np.abs(a - r).max() <= 3  # merged while sampling == the adapter as a branch, up to rounding
 
 
 def test_generate_t2i_from_prompts_file(env, tmp_path, capsys):
