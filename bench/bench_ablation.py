@@ -35,15 +35,15 @@ from ftkit.adapters.attach import attach_adapters  # noqa: E402
 from ftkit.adapters.config import AdapterConfig  # noqa: E402
 from ftkit.data import shapes  # noqa: E402
 from ftkit.data.geneval import ColorShapeDetector, confounders, evaluate_image  # noqa: E402
-from ftkit.infer.evaluate import (  # noqa: E402
+from ftkit.infer.ablation import (  # noqa: E402
     _STAGES,
     ABLATION_MODES,
     ABLATION_SEED,
     ALL_ABLATION_MODES,
     ablation_records,
-    evaluate_shapes,
     run_ablation,
 )
+from ftkit.infer.evaluate import evaluate_shapes  # noqa: E402
 from ftkit.infer.mcot import SamplerSettings, TextSettings  # noqa: E402
 from ftkit.models.loading import load_bagel, load_tokenizer  # noqa: E402
 from ftkit.train.tiny import ensure_tiny_bagel  # noqa: E402

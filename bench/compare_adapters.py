@@ -11,7 +11,7 @@ on verdict accuracy, with ftkit's paired, category-stratified bootstrap 95% inte
 import json
 import sys
 
-from ftkit.infer.evaluate import paired_bootstrap
+from ftkit.infer.ablation import paired_bootstrap
 
 
 def _fmt(d: dict) -> str:

@@ -318,7 +318,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         detector = load_detector(a.detector) if a.detector else None
         color_fn = getattr(detector, "color", None) if detector is not None else None
         if a.ablation and a.data is None:
-            from ftkit.infer.evaluate import ablation_records
+            from ftkit.infer.ablation import ablation_records
 
             records, folder = ablation_records(size=hw[0])
             a.data = str(folder)
@@ -333,7 +333,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                 "data": a.data}
         with atomic_dir(out, overwrite=True) as tmp:
             if a.ablation:
-                from ftkit.infer.evaluate import ABLATION_MODES, run_ablation
+                from ftkit.infer.ablation import ABLATION_MODES, run_ablation
 
                 res = run_ablation(model, tok, records, modes=tuple(a.ablation_modes or ABLATION_MODES),
                                    batch_size=a.batch, image_hw=hw, sampler=sampler, text=text, seed=a.seed,
@@ -348,7 +348,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     except _errors() as e:
         print(f"ftkit eval: error: {_fmt_err(e)}", file=sys.stderr)
         return 1
-    from ftkit.infer.evaluate import ablation_markdown, results_table
+    from ftkit.infer.ablation import ablation_markdown
+    from ftkit.infer.evaluate import results_table
 
     if a.ablation:
         print(ablation_markdown(res), end="")

@@ -121,7 +121,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
     from ftkit.data.preference import flipped_reflection
     from ftkit.data.schema import StepRecord, step_to_dict
     from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
-    from ftkit.infer.evaluate import run_ablation
+    from ftkit.infer.ablation import run_ablation
 
     if rejected not in ("own", "flip"):
         raise ValueError(f"rejected {rejected!r}: choose own or flip")

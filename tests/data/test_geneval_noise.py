@@ -10,7 +10,7 @@ import pytest
 from ftkit.data import shapes
 from ftkit.data.geneval import CONFOUNDER_KINDS, ColorShapeDetector, confounders, evaluate_image
 
-EVAL_SEED = 1011  # the ablation's held-out eval seed (ftkit.infer.evaluate.ABLATION_SEED)
+EVAL_SEED = 1011  # the ablation's held-out eval seed (ftkit.infer.ablation.ABLATION_SEED)
 
 
 def _noise_check(n: int, seed: int):

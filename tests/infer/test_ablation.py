@@ -10,14 +10,14 @@ import torch
 
 from ftkit.adapters.attach import adapters_disabled, attach_adapters
 from ftkit.adapters.config import AdapterConfig
-from ftkit.infer.context import GuidanceContexts
-from ftkit.infer.evaluate import (
+from ftkit.infer.ablation import (
     ALL_ABLATION_MODES,
     ablation_records,
     paired_bootstrap,
     region_token_mask,
     run_ablation,
 )
+from ftkit.infer.context import GuidanceContexts
 from ftkit.infer.mcot import SamplerSettings, TextSettings, text_to_image
 from ftkit.infer.sampler import generate_images, generate_text, generate_texts, latent_grid
 from ftkit.models.bagel import timestep_schedule

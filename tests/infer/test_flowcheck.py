@@ -7,8 +7,8 @@ import torch
 
 from ftkit.data.builder import pil_to_tensor
 from ftkit.data.dataset import load_records
+from ftkit.infer.ablation import ablation_records
 from ftkit.infer.context import GuidanceContexts
-from ftkit.infer.evaluate import ablation_records
 from ftkit.infer.flowcheck import flow_by_timestep, target_image
 from ftkit.infer.sampler import velocity
 from ftkit.models.loading import load_bagel, load_tokenizer
