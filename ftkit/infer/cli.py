@@ -381,6 +381,9 @@ def self_critique_main(argv: list[str]) -> int:
     ap.add_argument("--adapter", default=None, help="adapter folder (the round being improved)")
     ap.add_argument("--prompts", required=True, help="records.jsonl whose records carry GenEval meta (shapes world)")
     ap.add_argument("--judge", default="shapes", help="shapes (default) or MODULE:FUNCTION (ftkit.infer.selfcritique)")
+    ap.add_argument("--target", choices=("scene", "edit"), default="scene",
+                    help="the shapes judge's correction target: the prompt record's own scene (scene, default; "
+                         "a new layout) or the draft repaired where it fails (edit: what inpainting can reach)")
     ap.add_argument("--out", required=True, help="output folder (records.jsonl, images/, summary.json)")
     ap.add_argument("--n", type=int, default=None, help="N prompts, balanced over categories (default all)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per sampler call")
@@ -408,7 +411,7 @@ def self_critique_main(argv: list[str]) -> int:
                     raise ValueError(f"{src}:line {ln}: not JSON ({e.msg})") from e
         if a.n is not None:
             records = balanced_subset(records, a.n)
-        judge = load_judge(a.judge, root=src.parent)
+        judge = load_judge(a.judge, root=src.parent, target=a.target)
         model, tok = load_for_inference(a.model, a.adapter)
         check_finite(model, a.adapter or a.model)
         with atomic_dir(out, overwrite=True) as tmp:

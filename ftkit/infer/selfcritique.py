@@ -12,14 +12,16 @@ records (FoX's separate tasks), ready for a second round of training:
   else (and with ``rejected="flip"``) the judge's with its verdict flipped
   (:func:`~ftkit.data.preference.flipped_reflection`);
 * ``<id>#self-correct`` (drafts judged ``revise`` when the judge supplies a target image):
-  ``[plan, draft, reflect, refine (target, regenerate)]``, ``supervise: [refine]``.
+  ``[plan, draft, reflect, refine (target, the critique's mode)]``, ``supervise: [refine]``.
 
 A judge is a callable ``judge(image, record, plan) -> Critique | None`` (``plan`` the parsed
 :class:`~ftkit.data.schema.PlanStep` or ``None``); ``None`` skips the prompt. :func:`shapes_judge` is the
 shapes world's: GenEval's rules (:func:`~ftkit.data.geneval.judge_image`) decide; each failed rule becomes
 a sentence of the critique and a region (kind from the prompt's GenEval category; the detection's box,
 or for a missing object the model's own plan box of it, else the whole image); the target is the
-record's correct image (its last image step: a shapes record's refinement, or its draft when correct).
+record's correct image (its last image step: a shapes record's refinement, or its draft when correct;
+mode ``regenerate``), or with ``target="edit"`` the draft itself repaired where the rules fail
+(:func:`repair_draft`; mode ``inpaint``, the regions then the edited boxes).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ftkit.data.schema import BOX_MAX, PlanStep
+from ftkit.data.world import relative_position
 
 # the region kind a failed detection gets, by the prompt's GenEval category
 _KIND = {"single_object": "missing", "two_object": "missing", "counting": "count", "colors": "color",
@@ -48,6 +52,7 @@ class Critique:
     critique: str
     regions: list[dict] = field(default_factory=list)
     target: Image.Image | None = None
+    mode: str = "regenerate"  # the refine step's mode: how the target relates to the draft
 
 
 def _norm_box(box, hw: tuple[int, int]) -> list[int]:
@@ -64,10 +69,147 @@ def _sentence(reason: str) -> str:
     return reason[0].upper() + reason[1:].replace(">=", " at least ").replace("<", " fewer than ") + "."
 
 
-def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=None) -> Callable:
-    """The shapes world's judge (module docstring); ``root``: the folder image paths of records are relative to."""
+def _bg_color(arr: np.ndarray) -> np.ndarray:
+    """The image's background: the median colour of its one-pixel border."""
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    return np.median(border, axis=0).astype(np.uint8)
+
+
+def _overlaps(a, b, gap: int = 2) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def _fits(box, avoid, relation) -> bool:
+    """``box`` overlaps no box of ``avoid`` (2 px apart) and, with ``relation = (rel, target box)``, is
+    ``rel`` the target by GenEval's rule."""
+    return not any(_overlaps(box, a) for a in avoid) and (
+        relation is None or relation[0] in relative_position(box, relation[1]))
+
+
+def _free_cell(d: int, hw: tuple[int, int], avoid, near: tuple[float, float], relation=None):
+    """The ``d x d`` cell (pixel box, exclusive ends) nearest to centre ``near`` that :func:`_fits`;
+    ``None`` when there is none."""
+    h, w = hw
+    best, best_d = None, None
+    for y in range(0, h - d + 1):
+        for x in range(0, w - d + 1):
+            box = (x, y, x + d, y + d)
+            if not _fits(box, avoid, relation):
+                continue
+            dist = (x + d / 2 - near[0]) ** 2 + (y + d / 2 - near[1]) ** 2
+            if best_d is None or dist < best_d:
+                best, best_d = box, dist
+    return best
+
+
+def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None, detector=None, color_fn=None,
+                 max_edits: int = 8) -> tuple[Image.Image, list[tuple[int, int, int, int]]] | None:
+    """The draft repaired where the shapes rules fail, every other pixel kept: a correction target that
+    inpainting the edited regions can reach (unlike the scene's own rendering, whose layout is another).
+
+    One edit per round, then the rules are checked again (at most ``max_edits`` rounds): a detection in
+    the wrong colour is erased and its shape painted again in the asked colour in the same cell; one in
+    the wrong place is erased and painted in the nearest free cell where the relation holds; one too many
+    is erased; a missing object is painted (colour: the prompt's, else the plan's label, else red) in its
+    plan box when that is free, else in the nearest free cell. Erasing fills the detection's box (1 px
+    around) with the background (the border's median colour). Returns ``(target, edited pixel boxes)``,
+    or ``None`` when the draft already passes or the repaired image still fails the rules."""
+    from ftkit.data.geneval import judge_image
+    from ftkit.data.world import COLORS, shape_mask
+
+    arr = np.asarray(image.convert("RGB")).copy()
+    h, w = arr.shape[:2]
+    bg = _bg_color(arr)
+    wants = {req["class"]: req for req in meta["include"]}
+    edits: list[tuple[int, int, int, int]] = []
+
+    def erase(box) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = (max(0, int(box[0]) - 1), max(0, int(box[1]) - 1), min(w, int(np.ceil(box[2])) + 1),
+                          min(h, int(np.ceil(box[3])) + 1))
+        arr[y0:y1, x0:x1] = bg
+        return x0, y0, x1, y1
+
+    def paint(cls: str, color: str, cell) -> tuple[int, int, int, int]:
+        x, y, d = int(cell[0]), int(cell[1]), int(cell[2] - cell[0])
+        m = shape_mask(cls, d)
+        arr[y:y + d, x:x + d][m] = COLORS[color]
+        return x, y, x + d, y + d
+
+    def cell_of(box) -> tuple[int, int, int, int]:
+        """The square cell of a box's larger side, centred on it, inside the image."""
+        d = max(4, min(h, w, int(round(max(box[2] - box[0], box[3] - box[1])))))
+        x = min(max(0, int(round((box[0] + box[2] - d) / 2))), w - d)
+        y = min(max(0, int(round((box[1] + box[3] - d) / 2))), h - d)
+        return x, y, x + d, y + d
+
+    def relation(req, but=None):
+        """``(rel, the target's box)`` for a positional requirement whose target was detected, else None."""
+        if not req.get("position"):
+            return None
+        rel, t = req["position"]
+        tcls = meta["include"][t]["class"]
+        tbox = next((x.box for x in j.detections if x.cls == tcls and x is not but), None)
+        return None if tbox is None else (rel, tbox)
+
+    def centre(box) -> tuple[float, float]:
+        return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+    for _ in range(max_edits):
+        j = judge_image(arr, meta, detector, color_fn)
+        if j.passed:
+            break
+        if j.failed:
+            d = j.failed[0]
+            req = wants.get(d.cls) or {}
+            rest = [x.box for x in j.detections if x is not d]
+            if req.get("color") and d.color != req["color"]:  # wrong colour: the same shape, recoloured
+                edits += [erase(d.box), paint(d.cls, req["color"], cell_of(d.box))]
+            elif req.get("position"):  # wrong place: moved to the nearest cell where the relation holds
+                rel = relation(req, but=d)
+                cell = cell_of(d.box)
+                new = None if rel is None else _free_cell(cell[2] - cell[0], (h, w), rest, centre(d.box), rel)
+                if new is None:
+                    return None
+                edits += [erase(d.box), paint(d.cls, d.color if d.color in COLORS else "red", new)]
+            else:  # one too many
+                edits.append(erase(d.box))
+        elif j.missing:
+            cls = j.missing[0]
+            req = wants.get(cls) or {}
+            others = [x.box for x in j.detections]
+            pboxes = [b for b in (plan.boxes if plan else ()) if cls in b.label]
+            color = req.get("color") or next((c for b in pboxes for c in COLORS if c in b.label.split()), "red")
+            if pboxes:
+                want = cell_of([v / BOX_MAX * s for v, s in zip(pboxes[0].box, (w, h, w, h))])
+            else:
+                d_ = int(np.median([max(b[2] - b[0], b[3] - b[1]) for b in others])) if others else w // 4
+                want = cell_of((w / 2 - d_ / 2, h / 2 - d_ / 2, w / 2 + d_ / 2, h / 2 + d_ / 2))
+            rel = relation(req)
+            cell = want if _fits(want, others, rel) else _free_cell(want[2] - want[0], (h, w), others, centre(want), rel)
+            if cell is None:
+                return None
+            edits.append(paint(cls, color, cell))
+        else:
+            return None
+    else:
+        if not judge_image(arr, meta, detector, color_fn).passed:
+            return None
+    if not edits:
+        return None
+    return Image.fromarray(arr, mode="RGB"), edits
+
+
+def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=None, target: str = "scene") -> Callable:
+    """The shapes world's judge (module docstring); ``root``: the folder image paths of records are relative to.
+
+    ``target``: a failed draft's correction target: ``"scene"`` the record's own correct image (a new
+    layout: refine mode ``regenerate``), or ``"edit"`` the draft repaired by :func:`repair_draft` (refine
+    mode ``inpaint``; the critique's regions are then the edited boxes, so the reflection names what the
+    correction redraws; a draft it cannot repair gets no target)."""
     from ftkit.data.geneval import judge_image
 
+    if target not in ("scene", "edit"):
+        raise ValueError(f"target {target!r}: choose scene or edit")
     base = Path(root) if root is not None else None
 
     def judge(image: Image.Image, record: Mapping, plan: PlanStep | None) -> Critique:
@@ -82,22 +224,32 @@ def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=
         for cls in j.missing:
             boxes = [b.box for b in (plan.boxes if plan else ()) if cls in b.label]
             regions.append({"kind": "missing", "label": cls, "box": list(boxes[0]) if boxes else [0, 0, BOX_MAX, BOX_MAX]})
-        target = None
+        critique = " ".join(_sentence(r) for r in j.reason.splitlines() if r)
+        if target == "edit":
+            fixed = repair_draft(image, meta, plan, detector, color_fn)
+            if fixed is None:
+                return Critique("revise", critique, regions, None)
+            label = regions[0]["label"] if regions else meta["include"][0]["class"]
+            edited = [{"kind": kind, "label": label, "box": _norm_box(b, hw)} for b in fixed[1]]
+            return Critique("revise", critique, edited, fixed[0], mode="inpaint")
+        tgt = None
         images = [s.get("image") for s in record.get("steps") or () if isinstance(s, Mapping) and s.get("image")]
         if images and base is not None:
             with Image.open(base / images[-1]) as im:
-                target = im.convert("RGB")
-        critique = " ".join(_sentence(r) for r in j.reason.splitlines() if r)
-        return Critique("revise", critique, regions, target)
+                tgt = im.convert("RGB")
+        return Critique("revise", critique, regions, tgt)
 
     return judge
 
 
-def load_judge(spec: str, root: str | os.PathLike | None = None) -> Callable:
-    """``"shapes"`` -> :func:`shapes_judge` (``root``: the prompts' folder); ``"package.module:function"`` -> that
-    callable. Raises ValueError for a malformed spec or an import failure."""
+def load_judge(spec: str, root: str | os.PathLike | None = None, target: str = "scene") -> Callable:
+    """``"shapes"`` -> :func:`shapes_judge` (``root``: the prompts' folder, ``target`` its correction target);
+    ``"package.module:function"`` -> that callable (``target`` must stay ``"scene"``). Raises ValueError for a
+    malformed spec, an import failure or a target a custom judge cannot take."""
     if spec == "shapes":
-        return shapes_judge(root)
+        return shapes_judge(root, target=target)
+    if target != "scene":
+        raise ValueError(f"--target {target}: only the shapes judge repairs drafts; a custom judge returns its own target")
     from ftkit.infer.load import import_spec
 
     fn = import_spec(spec, "--judge", "'shapes' or MODULE:FUNCTION")
@@ -178,7 +330,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
             c.target.convert("RGB").resize(draft.size).save(out / target_path)
             lines.append({"id": f"{row['id']}#self-correct", "task": "t2i", "prompt": rec["prompt"],
                           "input_image": None, "meta": meta,
-                          "steps": [*steps, {"type": "refine", "image": target_path, "mode": "regenerate"}],
+                          "steps": [*steps, {"type": "refine", "image": target_path, "mode": c.mode}],
                           "supervise": ["refine"]})
     with open(out / "records.jsonl", "w", encoding="utf-8", newline="\n") as fh:
         for r in lines:

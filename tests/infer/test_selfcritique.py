@@ -81,3 +81,55 @@ def test_custom_judge_can_skip(shapes, fixture_dir, tmp_path):
     s = self_critique(model, tok, recs[:2], judge, tmp_path / "o", batch_size=2, image_hw=(32, 32),
                       sampler=SamplerSettings(num_timesteps=2), progress=False)
     assert calls == [recs[0]["id"], recs[1]["id"]] and s["skipped"] == 1 and s["records"] == 1
+
+
+def test_repair_draft_fixes_broken_renders_and_keeps_every_other_pixel(tmp_path):
+    import numpy as np
+
+    from ftkit.data.geneval import judge_image
+    from ftkit.data.schema import Box, PlanStep
+    from ftkit.infer.selfcritique import repair_draft
+
+    out = tmp_path / "broken"
+    generate(out, 60, seed=7, size=64, progress=False)
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    tried, repaired, tags = 0, 0, set()
+    for r in recs:
+        draft = next(s for s in r["steps"] if s["type"] == "draft")
+        with Image.open(out / draft["image"]) as im:
+            img = im.convert("RGB")
+        if judge_image(img, r["meta"]).passed:
+            assert repair_draft(img, r["meta"]) is None  # nothing to repair
+            continue
+        tried += 1
+        plan = next(s for s in r["steps"] if s["type"] == "plan")  # missing objects go to their planned boxes
+        fixed = repair_draft(img, r["meta"], PlanStep(plan["caption"], [Box(b["label"], tuple(b["box"]))
+                                                                          for b in plan["boxes"]]))
+        if fixed is None:
+            continue
+        target, boxes = fixed
+        assert judge_image(target, r["meta"]).passed, r["id"]
+        inside = np.zeros((64, 64), dtype=bool)
+        for x0, y0, x1, y1 in boxes:
+            inside[y0:y1, x0:x1] = True
+        a, b = np.asarray(img), np.asarray(target)
+        assert boxes and np.array_equal(a[~inside], b[~inside]), r["id"]  # only the edited boxes change
+        assert not np.array_equal(a[inside], b[inside])
+        repaired += 1
+        tags.add(r["meta"]["tag"])
+    assert tried >= 40 and repaired >= 0.9 * tried, (repaired, tried)
+    assert len(tags) >= 5  # colour, position, count, missing objects: every kind of failure gets repaired
+
+
+def test_shapes_judge_edit_target_inpaints_the_named_regions(shapes):
+    root, recs = shapes
+    judge = load_judge("shapes", root, target="edit")
+    blank = Image.new("RGB", (64, 64), (230, 230, 230))
+    r = next(x for x in recs if x["meta"]["tag"] == "single_object")
+    c = judge(blank, r, None)
+    assert c.verdict == "revise" and c.mode == "inpaint" and c.target is not None and len(c.regions) == 1
+    x0, y0, x1, y1 = c.regions[0]["box"]  # the painted object, not the whole image
+    assert 0 < (x1 - x0) * (y1 - y0) < 1000 * 1000 / 4
+    assert shapes_judge(root)(blank, r, None).mode == "regenerate"
+    with pytest.raises(ValueError, match="only the shapes judge"):
+        load_judge("json:loads", target="edit")
