@@ -103,7 +103,7 @@ def _free_cell(d: int, hw: tuple[int, int], avoid, near: tuple[float, float], re
 
 
 def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None, detector=None, color_fn=None,
-                 max_edits: int = 8) -> tuple[Image.Image, list[tuple[int, int, int, int]]] | None:
+                 max_edits: int = 8) -> tuple[Image.Image, list[tuple[str, tuple[int, int, int, int]]]] | None:
     """The draft repaired where the shapes rules fail, every other pixel kept: a correction target that
     inpainting the edited regions can reach (unlike the scene's own rendering, whose layout is another).
 
@@ -112,8 +112,10 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
     the wrong place is erased and painted in the nearest free cell where the relation holds; one too many
     is erased; a missing object is painted (colour: the prompt's, else the plan's label, else red) in its
     plan box when that is free, else in the nearest free cell. Erasing fills the detection's box (1 px
-    around) with the background (the border's median colour). Returns ``(target, edited pixel boxes)``,
-    or ``None`` when the draft already passes or the repaired image still fails the rules."""
+    around) with the background (the border's median colour). Returns ``(target, edits)``, ``edits`` the
+    ``(label, pixel box)`` of every edited region (a recolouring: the asked-for label over old and new cell;
+    a move: the object's old and new cells), or ``None`` when the draft already passes or the repaired image
+    still fails the rules."""
     from ftkit.data.geneval import judge_image
     from ftkit.data.world import COLORS, shape_mask
 
@@ -121,7 +123,7 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
     h, w = arr.shape[:2]
     bg = _bg_color(arr)
     wants = {req["class"]: req for req in meta["include"]}
-    edits: list[tuple[int, int, int, int]] = []
+    edits: list[tuple[str, tuple[int, int, int, int]]] = []  # (label, pixel box) of every edited region
 
     def erase(box) -> tuple[int, int, int, int]:
         x0, y0, x1, y1 = (max(0, int(box[0]) - 1), max(0, int(box[1]) - 1), min(w, int(np.ceil(box[2])) + 1),
@@ -163,16 +165,19 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
             req = wants.get(d.cls) or {}
             rest = [x.box for x in j.detections if x is not d]
             if req.get("color") and d.color != req["color"]:  # wrong colour: the same shape, recoloured
-                edits += [erase(d.box), paint(d.cls, req["color"], cell_of(d.box))]
+                a, b = erase(d.box), paint(d.cls, req["color"], cell_of(d.box))
+                edits.append((f"{req['color']} {d.cls}", (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]),
+                                                           max(a[3], b[3]))))
             elif req.get("position"):  # wrong place: moved to the nearest cell where the relation holds
                 rel = relation(req, but=d)
                 cell = cell_of(d.box)
                 new = None if rel is None else _free_cell(cell[2] - cell[0], (h, w), rest, centre(d.box), rel)
                 if new is None:
                     return None
-                edits += [erase(d.box), paint(d.cls, d.color if d.color in COLORS else "red", new)]
+                label = f"{d.color} {d.cls}" if d.color in COLORS else d.cls
+                edits += [(label, erase(d.box)), (label, paint(d.cls, d.color if d.color in COLORS else "red", new))]
             else:  # one too many
-                edits.append(erase(d.box))
+                edits.append((f"{d.color} {d.cls}" if d.color else d.cls, erase(d.box)))
         elif j.missing:
             cls = j.missing[0]
             req = wants.get(cls) or {}
@@ -188,7 +193,7 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
             cell = want if _fits(want, others, rel) else _free_cell(want[2] - want[0], (h, w), others, centre(want), rel)
             if cell is None:
                 return None
-            edits.append(paint(cls, color, cell))
+            edits.append((f"{color} {cls}", paint(cls, color, cell)))
         else:
             return None
     else:
@@ -229,8 +234,7 @@ def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=
             fixed = repair_draft(image, meta, plan, detector, color_fn)
             if fixed is None:
                 return Critique("revise", critique, regions, None)
-            label = regions[0]["label"] if regions else meta["include"][0]["class"]
-            edited = [{"kind": kind, "label": label, "box": _norm_box(b, hw)} for b in fixed[1]]
+            edited = [{"kind": kind, "label": label, "box": _norm_box(b, hw)} for label, b in fixed[1]]
             return Critique("revise", critique, edited, fixed[0], mode="inpaint")
         tgt = None
         images = [s.get("image") for s in record.get("steps") or () if isinstance(s, Mapping) and s.get("image")]

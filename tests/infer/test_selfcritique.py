@@ -107,13 +107,15 @@ def test_repair_draft_fixes_broken_renders_and_keeps_every_other_pixel(tmp_path)
                                                                           for b in plan["boxes"]]))
         if fixed is None:
             continue
-        target, boxes = fixed
+        target, edits = fixed
         assert judge_image(target, r["meta"]).passed, r["id"]
         inside = np.zeros((64, 64), dtype=bool)
-        for x0, y0, x1, y1 in boxes:
+        for label, (x0, y0, x1, y1) in edits:
             inside[y0:y1, x0:x1] = True
+            assert label.split()[-1] in {q["class"] for q in r["meta"]["include"]} | {"circle", "square", "triangle",
+                                                                                    "cross", "ring"}
         a, b = np.asarray(img), np.asarray(target)
-        assert boxes and np.array_equal(a[~inside], b[~inside]), r["id"]  # only the edited boxes change
+        assert edits and np.array_equal(a[~inside], b[~inside]), r["id"]  # only the edited boxes change
         assert not np.array_equal(a[inside], b[inside])
         repaired += 1
         tags.add(r["meta"]["tag"])
@@ -125,9 +127,11 @@ def test_shapes_judge_edit_target_inpaints_the_named_regions(shapes):
     root, recs = shapes
     judge = load_judge("shapes", root, target="edit")
     blank = Image.new("RGB", (64, 64), (230, 230, 230))
-    r = next(x for x in recs if x["meta"]["tag"] == "single_object")
+    r = next(x for x in recs if x["meta"]["tag"] == "two_object")
     c = judge(blank, r, None)
-    assert c.verdict == "revise" and c.mode == "inpaint" and c.target is not None and len(c.regions) == 1
+    assert c.verdict == "revise" and c.mode == "inpaint" and c.target is not None and len(c.regions) == 2
+    # each region is labelled with what was painted there: both asked-for classes
+    assert {g["label"].split()[-1] for g in c.regions} == {q["class"] for q in r["meta"]["include"]}
     x0, y0, x1, y1 = c.regions[0]["box"]  # the painted object, not the whole image
     assert 0 < (x1 - x0) * (y1 - y0) < 1000 * 1000 / 4
     assert shapes_judge(root)(blank, r, None).mode == "regenerate"
