@@ -88,11 +88,12 @@ def _fits(box, avoid, relation) -> bool:
 
 def _free_cell(d: int, hw: tuple[int, int], avoid, near: tuple[float, float], relation=None):
     """The ``d x d`` cell (pixel box, exclusive ends) nearest to centre ``near`` that :func:`_fits`;
-    ``None`` when there is none."""
+    ``None`` when there is none. Candidates every pixel up to 64 px, on a 64 x 64 lattice above."""
     h, w = hw
+    step = max(1, min(h, w) // 64)
     best, best_d = None, None
-    for y in range(0, h - d + 1):
-        for x in range(0, w - d + 1):
+    for y in range(0, h - d + 1, step):
+        for x in range(0, w - d + 1, step):
             box = (x, y, x + d, y + d)
             if not _fits(box, avoid, relation):
                 continue
