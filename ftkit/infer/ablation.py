@@ -35,7 +35,15 @@ from ftkit.data.schema import PlanStep, ReflectStep
 from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
 from ftkit.files import atomic_write
 from ftkit.infer.context import GuidanceContexts
-from ftkit.infer.evaluate import _fields, _panel_image, _panel_text, _save_png, category_scores, results_table
+from ftkit.infer.evaluate import (
+    _fields,
+    _panel_image,
+    _panel_text,
+    _save_png,
+    category_scores,
+    check_modes,
+    results_table,
+)
 from ftkit.infer.mcot import SamplerSettings, TextSettings, _image_cell, _Text, default_vit_hw
 from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
 
@@ -412,9 +420,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     """
     from tqdm.auto import tqdm
 
-    modes = tuple(modes)
-    if not modes or any(m not in ALL_ABLATION_MODES for m in modes) or len(set(modes)) != len(modes):
-        raise ValueError(f"modes must be distinct values among {ALL_ABLATION_MODES}, got {modes}")
+    modes = check_modes(modes, ALL_ABLATION_MODES)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not records:

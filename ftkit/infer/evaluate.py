@@ -55,6 +55,14 @@ MODES = ("direct", "mcot")
 
 
 # ------------------------------------------------------------------------------------ records
+def check_modes(modes: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
+    """``modes`` as a tuple; raises ValueError unless they are distinct values among ``known``."""
+    modes = tuple(modes)
+    if not modes or any(m not in known for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct values among {tuple(known)}, got {modes}")
+    return modes
+
+
 def _fields(rec, i: int) -> tuple[str, str, dict]:
     """(id, prompt, meta) of a StepRecord or a dict; raises ValueError naming the record and field."""
     if isinstance(rec, Mapping):
@@ -216,9 +224,7 @@ def evaluate_shapes(model, tokenizer, records: Sequence, *, detector: Detector |
     from ftkit.infer.mcot import SamplerSettings, TextSettings, run_mcot, text_to_image
     from ftkit.infer.sampler import latent_grid
 
-    modes = tuple(modes)
-    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
-        raise ValueError(f"modes must be distinct values among {MODES}, got {modes}")
+    modes = check_modes(modes, MODES)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not records:
@@ -317,4 +323,4 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["MODES", "balanced_subset", "category_scores", "evaluate_shapes", "failure_sheet", "results_table"]
+__all__ = ["MODES", "balanced_subset", "category_scores", "check_modes", "evaluate_shapes", "failure_sheet", "results_table"]

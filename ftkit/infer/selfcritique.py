@@ -69,6 +69,11 @@ def _sentence(reason: str) -> str:
     return reason[0].upper() + reason[1:].replace(">=", " at least ").replace("<", " fewer than ") + "."
 
 
+def _label(d) -> str:
+    """A detection's region label: colour and class, the class alone when it has no colour."""
+    return f"{d.color} {d.cls}" if d.color else d.cls
+
+
 def _bg_color(arr: np.ndarray) -> np.ndarray:
     """The image's background: the median colour of its one-pixel border."""
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
@@ -145,13 +150,13 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
         y = min(max(0, int(round((box[1] + box[3] - d) / 2))), h - d)
         return x, y, x + d, y + d
 
-    def relation(req, but=None):
-        """``(rel, the target's box)`` for a positional requirement whose target was detected, else None."""
+    def relation(req, dets, but=None):
+        """``(rel, the target's box)`` for a positional requirement whose target is among ``dets``, else None."""
         if not req.get("position"):
             return None
         rel, t = req["position"]
         tcls = meta["include"][t]["class"]
-        tbox = next((x.box for x in j.detections if x.cls == tcls and x is not but), None)
+        tbox = next((x.box for x in dets if x.cls == tcls and x is not but), None)
         return None if tbox is None else (rel, tbox)
 
     def centre(box) -> tuple[float, float]:
@@ -170,15 +175,14 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
                 edits.append((f"{req['color']} {d.cls}", (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]),
                                                            max(a[3], b[3]))))
             elif req.get("position"):  # wrong place: moved to the nearest cell where the relation holds
-                rel = relation(req, but=d)
+                rel = relation(req, j.detections, but=d)
                 cell = cell_of(d.box)
                 new = None if rel is None else _free_cell(cell[2] - cell[0], (h, w), rest, centre(d.box), rel)
                 if new is None:
                     return None
-                label = f"{d.color} {d.cls}" if d.color in COLORS else d.cls
-                edits += [(label, erase(d.box)), (label, paint(d.cls, d.color if d.color in COLORS else "red", new))]
+                edits += [(_label(d), erase(d.box)), (_label(d), paint(d.cls, d.color if d.color in COLORS else "red", new))]
             else:  # one too many
-                edits.append((f"{d.color} {d.cls}" if d.color else d.cls, erase(d.box)))
+                edits.append((_label(d), erase(d.box)))
         elif j.missing:
             cls = j.missing[0]
             req = wants.get(cls) or {}
@@ -190,7 +194,7 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
             else:
                 d_ = int(np.median([max(b[2] - b[0], b[3] - b[1]) for b in others])) if others else w // 4
                 want = cell_of((w / 2 - d_ / 2, h / 2 - d_ / 2, w / 2 + d_ / 2, h / 2 + d_ / 2))
-            rel = relation(req)
+            rel = relation(req, j.detections)
             cell = want if _fits(want, others, rel) else _free_cell(want[2] - want[0], (h, w), others, centre(want), rel)
             if cell is None:
                 return None
@@ -225,7 +229,7 @@ def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=
             return Critique("ok", f"The image matches the prompt: {record['prompt']}.")
         hw = (image.height, image.width)
         kind = _KIND.get(meta.get("tag"), "attribute")
-        regions = [{"kind": kind, "label": f"{d.color} {d.cls}" if d.color else d.cls, "box": _norm_box(d.box, hw)}
+        regions = [{"kind": kind, "label": _label(d), "box": _norm_box(d.box, hw)}
                    for d in j.failed]
         for cls in j.missing:
             boxes = [b.box for b in (plan.boxes if plan else ()) if cls in b.label]
