@@ -22,6 +22,14 @@ the plan first: ``{"task": "t2i", "prompt": PROMPT, "steps": [plan CAPTION + BOX
 the plan, flow loss on the image given prompt and plan), so the base model already draws from a written
 layout and MCoT fine-tuning does not have to teach it; text-to-image from the prompt alone keeps 1/3.
 
+With ``correct`` (drawing with an image in context), a judging record whose draft is wrong also carries the
+correction: ``"steps": [draft DRAFT, reflect, refine IMAGE]``, ``"supervise": ["reflect", "refine"]`` (flow
+loss on the correct scene, mode ``regenerate``, given the prompt, the wrong draft and its reflection). BAGEL
+is pretrained on interleaved data (edits, frame sequences), so it draws well with an image in its context;
+without these records the tiny backbone never generates after an image, and every mode that does (FoX's
+"generate twice", MCoT's correction) starts out of distribution. A twelfth of the records: the half of the
+judging records whose draft is wrong.
+
 ``meta`` keeps the scene's GenEval metadata. Written like :func:`ftkit.data.shapes.generate` (temporary
 folder renamed into place).
 """
@@ -50,8 +58,10 @@ def pretrain_tag(index: int) -> str:
     return TAGS[((block - 1) // 2) % len(TAGS)]  # captioning and judging alternate
 
 
-def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = False) -> tuple[dict, bytes]:
-    """``(record, png)`` of record ``index``; the record's image path is ``images/<id>.png``."""
+def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = False,
+                    correct: bool = False) -> tuple[dict, dict[str, bytes]]:
+    """``(record, {image path: png})`` of record ``index``; its image is ``images/<id>.png`` (a correction's
+    target ``images/<id>_refine.png``)."""
     judge = index % 6 == 0
     rec, images = make_record(index, seed, size, tag=pretrain_tag(index),
                               **({"error_rate": 0.5, "partial_rate": 0.0} if judge else {"kind": "ok"}))
@@ -62,6 +72,12 @@ def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = Fals
         meta["error"] = rec["meta"]["error"]
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
                "steps": [{**draft, "image": path}, rec["steps"][2]], "supervise": ["reflect"]}
+        if correct and meta["error"] is not None:
+            refine = rec["steps"][3]
+            fixed = f"images/{rec['id']}_refine.png"
+            out["steps"].append({**refine, "image": fixed})
+            out["supervise"].append("refine")
+            return out, {path: _png_bytes(images[draft["image"]]), fixed: _png_bytes(images[refine["image"]])}
     elif index % 3:
         steps = [{"type": "draft", "image": path, "partial": False}]
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
@@ -69,12 +85,14 @@ def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = Fals
     else:
         out = {"id": rec["id"], "task": "edit", "prompt": DESCRIBE, "input_image": path, "meta": meta,
                "steps": [plan]}
-    return out, _png_bytes(images[draft["image"]])
+    return out, {path: _png_bytes(images[draft["image"]])}
 
 
-def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int = 64, plan_act: bool = False) -> Path:
+def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int = 64, plan_act: bool = False,
+                      correct: bool = False) -> Path:
     """Write ``n`` pretraining records to ``out/records.jsonl`` (+ ``out/images/``); refuses an existing ``out``.
-    ``plan_act``: a third of all records are plan & act (module docstring)."""
+    ``plan_act``: a third of all records are plan & act; ``correct``: wrong drafts' judging records carry the
+    correction (module docstring)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: exists; pretraining data is generated once")
@@ -84,8 +102,9 @@ def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int =
         (tmp / "images").mkdir()
         with open(tmp / "records.jsonl", "w", encoding="utf-8", newline="\n") as fh:
             for i in range(1, n + 1):
-                rec, png = pretrain_record(i, seed, size, plan_act)
-                (tmp / f"images/{rec['id']}.png").write_bytes(png)
+                rec, pngs = pretrain_record(i, seed, size, plan_act, correct)
+                for path, png in pngs.items():
+                    (tmp / path).write_bytes(png)
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     finally:

@@ -168,7 +168,8 @@ class MCoTDataModule(L.LightningDataModule):
         generate_shapes: ``{out, n, seed, size}``: generate the shapes-world set at ``out`` in
             ``prepare_data`` when it is absent (the tiny-mcot recipe runs from a bare clone); with
             ``pretrain: true`` the text-to-image + captioning set of :mod:`ftkit.data.pretrain` (``plan_act:
-            true``: a third of it plan & act); with
+            true``: a third of it plan & act; ``correct: true``: wrong drafts' judging records also carry the
+            correction); with
             ``tasks: [plan-act, reflect, correct, mcot]`` each record as FoX's separate tasks
             (:mod:`ftkit.data.tasks`).
     """
@@ -225,7 +226,7 @@ class MCoTDataModule(L.LightningDataModule):
 
             log.info("generating shapes-world pretraining data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs["seed"])
             generate_pretrain(gs["out"], gs["n"], seed=gs["seed"], size=gs.get("size", 64),
-                              plan_act=bool(gs.get("plan_act", False)))
+                              plan_act=bool(gs.get("plan_act", False)), correct=bool(gs.get("correct", False)))
         elif gs and not (Path(gs["out"]) / "records.jsonl").is_file():
             from ftkit.data.shapes import generate
 

@@ -79,6 +79,31 @@ def test_pretrain_plan_act_records(tmp_path):
             assert [s.type for s in b.steps] == [s.type for s in a.steps]
 
 
+def test_pretrain_correct_records(tmp_path):
+    """correct: a judging record whose draft is wrong also supervises the correct scene redrawn with the draft
+    and its reflection in context; right drafts and every other record are as without it."""
+    import numpy as np
+    from PIL import Image
+
+    from ftkit.data.dataset import load_records
+    from ftkit.data.pretrain import generate_pretrain
+
+    plain = list(load_records(str(generate_pretrain(tmp_path / "a", 48, size=32) / "records.jsonl")))
+    recs = list(load_records(str(generate_pretrain(tmp_path / "b", 48, size=32, correct=True) / "records.jsonl")))
+    wrong = 0
+    for i, (a, b) in enumerate(zip(plain, recs, strict=True), 1):
+        assert a.prompt == b.prompt and a.meta == b.meta
+        if i % 6 or b.meta["error"] is None:
+            assert [s.type for s in b.steps] == [s.type for s in a.steps] and b.supervise == a.supervise
+            continue
+        wrong += 1
+        assert [s.type for s in b.steps] == ["draft", "reflect", "refine"] and b.supervise == ("reflect", "refine")
+        assert b.steps[1].verdict == "revise" and b.steps[2].mode == "regenerate"
+        draft, fixed = (np.asarray(Image.open(s.image.path)) for s in (b.steps[0], b.steps[2]))
+        assert draft.shape == fixed.shape and (draft != fixed).any()
+    assert wrong >= 2
+
+
 @pytest.mark.slow
 def test_tiny_pretrain_recipe_fits_resumes_and_exports(ae_run, tmp_path):
     from ftkit.data.pretrain import generate_pretrain
