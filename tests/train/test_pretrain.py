@@ -113,7 +113,7 @@ def test_tiny_pretrain_recipe_fits_resumes_and_exports(ae_run, tmp_path):
 
     export(ae_run, tmp_path / "ae")
     generate(tmp_path / "corpus", 12, seed=0, size=32, progress=False)
-    data = generate_pretrain(tmp_path / "data", 9, size=32)
+    data = generate_pretrain(tmp_path / "data", 18, size=32, plan_act=True, correct=True)  # record 18: a correction
     init = ensure_tiny_bagel(tmp_path / "init", corpus=str(tmp_path / "corpus/records.jsonl"), vocab_size=512, hidden=32,
                              layers=2, heads=2, kv_heads=1, intermediate=64, vit_hidden=32, vit_layers=1, vit_heads=2,
                              vit_intermediate=64, max_latent_size=4, ae=str(tmp_path / "ae"))
