@@ -12,6 +12,10 @@ seconds trained), replaced atomically (temporary file + ``os.replace``) every ``
 start continues from it. ``export`` writes ``ae.safetensors`` (FLUX key names) + ``ae_config.json`` with
 ``shift_factor``/``scale_factor`` set from the latent mean and standard deviation (so BAGEL's latents are
 about unit-variance), which :func:`ftkit.models.vae.load_ae` and ``load_bagel`` read back.
+
+``decoder_only`` continues an exported autoencoder (``init``: its folder) with the encoder frozen: only
+``D`` learns, so the latent space, and the shift / scale fitted from the encoder, stay exactly those a
+backbone was pretrained on, while reconstructions (and that backbone's samples) sharpen.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class AERecipe:
     lr: float = 1e-3
     kl: float = 1e-6
     seed: int = 0
+    decoder_only: bool = False  # train D only, E frozen (a continuation of ``init``; module docstring)
 
     def ae_config(self, scale: float = 1.0, shift: float = 0.0) -> AEConfig:
         return AEConfig(resolution=self.size, in_channels=3, downsample=2 ** (len(self.ch_mult) - 1), ch=self.ch,
@@ -65,23 +70,54 @@ def _save_atomic(obj, path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int = 0, ckpt_minutes: float = 3.0) -> dict:
+def _init_from(ae: torch.nn.Module, recipe: AERecipe, folder: str | Path) -> None:
+    """Load an exported autoencoder (``folder/ae.safetensors`` + ``ae_config.json``) into ``ae``; its shape
+    must be the recipe's."""
+    from ftkit.errors import FtkitError
+    from ftkit.models.vae import AEConfig, load_ae
+
+    folder = Path(folder)
+    cfg = AEConfig.from_json(folder / "ae_config.json")
+    mine = recipe.ae_config()
+    shape = ("resolution", "downsample", "ch", "ch_mult", "num_res_blocks", "z_channels")
+    if any(getattr(cfg, k) != getattr(mine, k) for k in shape):
+        raise FtkitError(f"{folder / 'ae_config.json'}: shape {[getattr(cfg, k) for k in shape]} differs from the "
+                         f"recipe's {[getattr(mine, k) for k in shape]} ({', '.join(shape)})")
+    ae.load_state_dict(load_ae(folder / "ae.safetensors", cfg, freeze=False).autoencoder.state_dict())
+
+
+def _recipe_of(state: dict) -> dict:
+    """A saved recipe with the fields added since it was written at their defaults."""
+    return {**asdict(AERecipe()), **state["recipe"], "ch_mult": tuple(state["recipe"]["ch_mult"])}
+
+
+def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int = 0, ckpt_minutes: float = 3.0,
+          init: str | Path | None = None) -> dict:
     """Train (or continue) the autoencoder in ``run`` for ``minutes`` of wall time or until ``max_steps``.
 
-    Returns the state's summary ``{step, seconds, loss}``. A resume with a different recipe is refused.
+    ``init``: an exported autoencoder folder to start a new run from (ignored when ``run`` has a state);
+    needed by ``recipe.decoder_only``. Returns the state's summary ``{step, seconds, loss}``. A resume with a
+    different recipe is refused.
     """
     from ftkit.errors import FtkitError
 
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
     state_path = run / "state.pt"
+    if recipe.decoder_only and init is None and not state_path.is_file():
+        raise FtkitError(f"{run}: decoder_only continues an exported autoencoder: pass its folder as init")
+    run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     ae = build_autoencoder(recipe.ae_config())
-    opt = torch.optim.AdamW(ae.parameters(), lr=recipe.lr, weight_decay=0.0)
+    if recipe.decoder_only:
+        ae.encoder.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=0.0)
     step, seconds, loss_ema = 0, 0.0, None
+    if not state_path.is_file() and init is not None:
+        _init_from(ae, recipe, init)
+        log.info("new run %s from %s%s", run, init, " (decoder only)" if recipe.decoder_only else "")
     if state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["recipe"] != asdict(recipe):
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if _recipe_of(st) != asdict(recipe):
             raise FtkitError(f"{state_path}: recipe differs from the run's ({st['recipe']}); use another run folder")
         ae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
@@ -97,7 +133,8 @@ def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int =
 
     while (not max_steps or step < max_steps) and time.monotonic() - t0 < minutes * 60:
         x = shapes_batch(recipe.batch, recipe.size, recipe.seed, step)
-        mu, logvar = ae.encoder(x).chunk(2, dim=1)
+        with torch.set_grad_enabled(not recipe.decoder_only):
+            mu, logvar = ae.encoder(x).chunk(2, dim=1)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         xh = ae.decoder(z)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -119,8 +156,8 @@ def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int =
 
 def load_run(run: str | Path) -> tuple[FluxAE, AERecipe, dict]:
     """The run's autoencoder as a :class:`FluxAE` with latent statistics fitted (eval mode), its recipe and state."""
-    st = torch.load(Path(run) / "state.pt", map_location="cpu", weights_only=False)
-    recipe = AERecipe(**{**st["recipe"], "ch_mult": tuple(st["recipe"]["ch_mult"])})
+    st = torch.load(Path(run) / "state.pt", map_location="cpu", weights_only=True)
+    recipe = AERecipe(**_recipe_of(st))
     ae = build_autoencoder(recipe.ae_config())
     ae.load_state_dict(st["model"])
     ae.eval().requires_grad_(False)
@@ -182,14 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", type=int, default=3, help="resolution levels: stride 2**(levels-1)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="start a new run from this exported autoencoder folder")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train the decoder only (encoder frozen: the latent space a backbone was trained on is kept)")
     p.add_argument("--export", default=None, help="write ae.safetensors + ae_config.json here afterwards")
     p.add_argument("--eval", type=int, default=0, help="evaluator agreement on N records of seed 1 afterwards")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO)
     mult = (1,) + (2,) * (a.levels - 1)
-    recipe = AERecipe(ch=a.ch, ch_mult=mult, batch=a.batch, lr=a.lr, seed=a.seed)
-    summary = train(a.run, recipe, minutes=a.minutes, max_steps=a.max_steps, ckpt_minutes=a.ckpt_minutes)
+    recipe = AERecipe(ch=a.ch, ch_mult=mult, batch=a.batch, lr=a.lr, seed=a.seed, decoder_only=a.decoder_only)
+    summary = train(a.run, recipe, minutes=a.minutes, max_steps=a.max_steps, ckpt_minutes=a.ckpt_minutes, init=a.init)
     if a.export:
         export(a.run, a.export)
     if a.eval:

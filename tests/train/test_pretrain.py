@@ -45,6 +45,30 @@ def test_ae_run_resumes_refuses_other_recipe_and_exports(ae_run, tmp_path):
     assert ae.encode_mean(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 8, 8)
 
 
+def test_ae_decoder_only_keeps_the_latent_space(ae_run, tmp_path):
+    """A decoder-only continuation of an exported autoencoder: the encoder, hence the latents and the exported
+    shift / scale a backbone was trained with, stay exactly the same; the decoder learns; it resumes."""
+    from ftkit.models.vae import AEConfig, load_ae
+
+    src = export(ae_run, tmp_path / "ae")
+    dec = AERecipe(**{**AE.__dict__, "decoder_only": True})
+    with pytest.raises(FtkitError, match="init"):
+        train(tmp_path / "no-init", dec, minutes=1, max_steps=1)
+    with pytest.raises(FtkitError, match="differs from the recipe"):
+        train(tmp_path / "other", AERecipe(size=32, ch=64, ch_mult=(1, 2, 2), batch=2, decoder_only=True), minutes=1,
+              max_steps=1, init=src)
+    assert train(tmp_path / "dec", dec, minutes=5, max_steps=2, init=src)["step"] == 2
+    assert train(tmp_path / "dec", dec, minutes=5, max_steps=3)["step"] == 3  # resumes without init
+    out = export(tmp_path / "dec", tmp_path / "ae2")
+    a, b = (load_ae(f / "ae.safetensors", AEConfig.from_json(f / "ae_config.json")) for f in (src, out))
+    assert AEConfig.from_json(out / "ae_config.json") == AEConfig.from_json(src / "ae_config.json")
+    sa, sb = a.autoencoder.state_dict(), b.autoencoder.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("encoder."))
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(a.encode_mean(x), b.encode_mean(x), rtol=0, atol=0)
+
+
 def test_pretrain_records_validate(tmp_path):
     from ftkit.data.dataset import load_records
     from ftkit.data.pretrain import DESCRIBE, generate_pretrain
