@@ -68,6 +68,7 @@ def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = Fals
     plan, draft = rec["steps"][0], rec["steps"][1]
     path = f"images/{rec['id']}.png"
     meta = {k: rec["meta"][k] for k in ("tag", "include", "exclude", "seed", "size")}
+    pngs = {path: _png_bytes(images[draft["image"]])}
     if judge:
         meta["error"] = rec["meta"]["error"]
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
@@ -77,7 +78,7 @@ def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = Fals
             fixed = f"images/{rec['id']}_refine.png"
             out["steps"].append({**refine, "image": fixed})
             out["supervise"].append("refine")
-            return out, {path: _png_bytes(images[draft["image"]]), fixed: _png_bytes(images[refine["image"]])}
+            pngs[fixed] = _png_bytes(images[refine["image"]])
     elif index % 3:
         steps = [{"type": "draft", "image": path, "partial": False}]
         out = {"id": rec["id"], "task": "t2i", "prompt": rec["prompt"], "input_image": None, "meta": meta,
@@ -85,7 +86,7 @@ def pretrain_record(index: int, seed: int, size: int = 64, plan_act: bool = Fals
     else:
         out = {"id": rec["id"], "task": "edit", "prompt": DESCRIBE, "input_image": path, "meta": meta,
                "steps": [plan]}
-    return out, {path: _png_bytes(images[draft["image"]])}
+    return out, pngs
 
 
 def generate_pretrain(out: str | os.PathLike, n: int, seed: int = 2, size: int = 64, plan_act: bool = False,
