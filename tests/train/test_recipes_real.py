@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ftkit.train.cli import cli_value
+from ftkit.train.cli import cli_value, cpu_bf16_warning
 from ftkit.train.recipe import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -116,3 +116,11 @@ def test_typed_sections(tmp_path):
         MCoTModule(model_path=str(tmp_path), adapter={"rank": 8})
     r = fit("--config", "tiny-mcot", "--model.adapter.rank", "8", "--run_root", str(tmp_path))
     assert r.returncode != 0 and "rank" in r.stderr
+
+
+def test_cpu_bf16_warning_only_where_bf16_is_emulated():
+    assert "32-true" in cpu_bf16_warning("bf16-mixed", on_cpu=True, native_bf16=False)
+    assert "32-true" in cpu_bf16_warning("bf16-true", on_cpu=True, native_bf16=False)
+    assert cpu_bf16_warning("bf16-mixed", on_cpu=True, native_bf16=True) is None
+    assert cpu_bf16_warning("bf16-mixed", on_cpu=False, native_bf16=False) is None
+    assert cpu_bf16_warning("32-true", on_cpu=True, native_bf16=False) is None
