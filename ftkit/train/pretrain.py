@@ -25,8 +25,9 @@ def export_release(ckpt: str | Path, out: str | Path, *, base: str | Path | None
     from ftkit.errors import FtkitError
     from ftkit.models.loading import load_bagel
     from ftkit.models.release import save_bagel
+    from ftkit.train.faults import AtomicCheckpointIO
 
-    st = torch.load(ckpt, map_location="cpu", weights_only=False)
+    st = AtomicCheckpointIO().load_checkpoint(ckpt, map_location="cpu")  # sha256 sidecar checked, no pickles
     base = Path(base or st.get("ftkit", {}).get("model_path", ""))
     if not (base / "ema.safetensors").is_file():
         raise FtkitError(f"{ckpt}: its initial model folder {base} is missing (pass --base)")

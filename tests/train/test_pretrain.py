@@ -170,3 +170,10 @@ def test_tiny_pretrain_recipe_fits_resumes_and_exports(ae_run, tmp_path):
     init_ema = load_file(str(Path(init) / "ema.safetensors"))
     assert not torch.equal(ema[key], init_ema[key])
     assert (out / "ae_config.json").read_text() == (tmp_path / "ae/ae_config.json").read_text()
+    from ftkit.train.faults import CheckpointError
+
+    bad = tmp_path / "bad.ckpt"  # a cut copy: refused with the file named, nothing written
+    bad.write_bytes(ckpt.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match="bad.ckpt"):
+        export_release(bad, tmp_path / "from-bad")
+    assert not (tmp_path / "from-bad").exists()
