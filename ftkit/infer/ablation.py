@@ -2,7 +2,8 @@
 
 :func:`run_ablation` (``ftkit eval shapes --ablation``) draws each prompt in FoX's modes -- ``base``, ``t2i``,
 ``t2i-twice``, ``plan-act``, ``mcot`` (verdict-gated correction by inpainting the flagged regions),
-``mcot-regen`` and ``plan-guided`` (GoT's plan guidance) -- from the same starting noises, batched through
+``mcot-verify`` (a correction kept only when the model's own reflection on it says ``ok``), ``mcot-regen`` and
+``plan-guided`` (GoT's plan guidance) -- from the same starting noises, batched through
 the sampler, and reports the scores by GenEval's rules (:mod:`ftkit.infer.evaluate`), the paired
 differences with category-stratified bootstrap intervals, the reflection's quality and seconds per prompt.
 
@@ -48,15 +49,17 @@ from ftkit.infer.mcot import SamplerSettings, TextSettings, _image_cell, _Text, 
 from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
 
 ABLATION_MODES = ("base", "t2i", "t2i-twice", "plan-act", "mcot")
-ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-regen", "plan-guided")
+ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-verify", "mcot-regen", "plan-guided")
 # plan-guided's plan scale when the sampler sets none: GoT's spatial / semantic ratio (4.0 / 7.5) at text scale 4
 PLAN_GUIDANCE_SCALE = 2.0
 ABLATION_SEED = 1011  # held-out: training data uses seed 0, the shipped shapes-eval seed 1
 ABLATION_N = 600
-DIFFERENCES = (("mcot", "t2i-twice"), ("plan-act", "t2i-twice"), ("mcot", "plan-act"), ("plan-guided", "plan-act"))
+DIFFERENCES = (("mcot", "t2i-twice"), ("plan-act", "t2i-twice"), ("mcot", "plan-act"), ("mcot-verify", "t2i-twice"),
+               ("mcot-verify", "plan-act"), ("mcot-verify", "mcot"), ("plan-guided", "plan-act"))
 # which pipeline stages each mode needs (for its seconds per prompt)
 _STAGES = {"base": ("base",), "t2i": ("t2i",), "t2i-twice": ("t2i", "twice"), "plan-act": ("plan", "draft"),
-           "mcot": ("plan", "draft", "reflect", "inpaint"), "mcot-regen": ("plan", "draft", "reflect", "regen"),
+           "mcot": ("plan", "draft", "reflect", "inpaint"), "mcot-verify": ("plan", "draft", "reflect", "inpaint", "verify"),
+           "mcot-regen": ("plan", "draft", "reflect", "regen"),
            "plan-guided": ("plan", "guided")}
 
 
@@ -154,6 +157,8 @@ class _Batch:
         self.said: list[_Said] = []  # the reflections on the drafts
         self.masks: dict[int, torch.Tensor] = {}  # prompt k -> latent tokens its first correction redraws
         self.used = [1] * len(idx)  # images per prompt in mode mcot, draft included
+        self.judged_ok: set[int] = set()  # prompts whose last correction the model's reflection called `ok`
+        self.verified: dict[int, str] = {}  # prompt k -> the verdict on its last correction (mcot-verify)
 
     @property
     def revised(self) -> list[int]:
@@ -183,7 +188,8 @@ class _Ablation:
         plan_scale = self.skw.pop("cfg_plan_scale")  # only the plan-guided mode guides the plan
         self.plan_scale = PLAN_GUIDANCE_SCALE if plan_scale is None else plan_scale
         self.pack = max(1, round(pack_tokens / (self.N + 2)))
-        self.secs = dict.fromkeys(("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen", "guided"),
+        self.secs = dict.fromkeys(("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen", "guided",
+                                                 "verify"),
                                   0.0)
 
     # ---------------------------------------------------------------- tools
@@ -266,6 +272,9 @@ class _Ablation:
             bt.imgs["mcot"] = self.correct(bt, inpaint=True)
         if "regen" in need:
             bt.imgs["mcot-regen"] = self.correct(bt, inpaint=False)
+        if "verify" in need:
+            with self.clock("verify"):
+                bt.imgs["mcot-verify"] = self.verify(bt)
 
     def plan(self, bt: _Batch) -> None:
         bt.gcs_p = self.user(bt.prompts)
@@ -311,7 +320,9 @@ class _Ablation:
                     bt.gcs_p[k].add_image(final[k], vae_hw=self.hw, vit_hw=self.vit_hw, generator=bt.gens[k])
                 again = {}
                 for k, s in zip(cur, self.reflections([bt.gcs_p[k] for k in cur])):
-                    if s.verdict != "ok":
+                    if s.verdict == "ok":
+                        bt.judged_ok.add(k)
+                    else:
                         bt.gcs_p[k].add_generated_text(s.ids)
                         again[k] = self.flagged_tokens(s.parsed)
             if not again:
@@ -322,6 +333,20 @@ class _Ablation:
             cur = dict(zip(again, lat_f))
             for k, im in zip(again, fixed):
                 final[k], bt.used[k] = im, r
+        return final
+
+    def verify(self, bt: _Batch) -> list:
+        """``mcot-verify``'s final image per prompt: ``mcot``'s, except where the model's own reflection on the
+        last correction (into the context after it) still says ``revise``: there the draft is kept. A correction
+        the rounds loop already judged ``ok`` is not reflected on again. Runs last: it extends the contexts."""
+        final = list(bt.imgs["mcot"])
+        todo = [k for k in bt.revised if k not in bt.judged_ok]
+        for k in todo:
+            bt.gcs_p[k].add_image(final[k], vae_hw=self.hw, vit_hw=self.vit_hw, generator=bt.gens[k])
+        for k, s in zip(todo, self.reflections([bt.gcs_p[k] for k in todo]) if todo else []):
+            bt.verified[k] = s.verdict
+            if s.verdict != "ok":
+                final[k] = bt.imgs["plan-act"][k]
         return final
 
     # ---------------------------------------------------------------- judging
@@ -359,6 +384,9 @@ class _Ablation:
                     iou = _iou(_box_mask(flagged, self.hw), fail_m)
             if "mcot" in modes:
                 row["mcot_images"] = bt.used[k]
+            if "mcot-verify" in modes and s.verdict != "ok":  # which image the verification kept
+                row["verify"] = {"verdict": bt.verified.get(k, "ok"),
+                                 "kept": "draft" if bt.verified.get(k, "ok") != "ok" else "correction"}
             row["reflection"] = {"text": s.text, "parsed": s.parsed is not None, "verdict": s.verdict,
                                  "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                  "corrected": s.verdict != "ok",
@@ -390,6 +418,10 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
       With ``rounds`` > 2 (most images per prompt, draft included) the correction goes into the context, is
       reflected on, and is inpainted again (from its own latent, noise from ``(seed + i, round)``) while the
       verdict is ``revise``, up to ``rounds`` images; rows record the images used (``mcot_images``);
+    * ``mcot-verify``: as ``mcot``, then the last correction goes into the context and the model reflects on it
+      once more (unless the rounds already judged it ``ok``); a correction judged ``revise`` again is dropped
+      and the draft kept: the model checks its own edit, as best-of-two by its own verdict (same images as
+      ``mcot``, one more reflection per corrected prompt);
     * ``mcot-regen``: as ``mcot`` but the correction regenerates the whole image from the context (one
       correction; not combined with ``rounds`` > 2, which extends the shared contexts).
     * ``plan-guided``: the ``plan-act`` image (same plan, same ``eps1``) sampled with plan guidance
@@ -464,7 +496,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     scores = {m: category_scores(_by_tag(passes[m], tags)) for m in modes}
     diffs = {f"{a} - {b}": paired_bootstrap(passes[a], passes[b], tags, n_boot, seed)
              for a, b in DIFFERENCES if a in modes and b in modes}
-    reflection = _reflection_quality(rows, with_mcot="mcot" in modes) if "reflect" in need else None
+    reflection = _reflection_quality(rows, modes) if "reflect" in need else None
     per_prompt = {m: round(sum(run.secs[s] for s in _STAGES[m]) / n, 4) for m in modes}
     counts: dict[str, int] = {}
     for t in tags:
@@ -490,8 +522,10 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     return res
 
 
-def _reflection_quality(rows: Sequence[dict], with_mcot: bool) -> dict:
-    """Verdict accuracy, confusion, parse rate and region IoU of the reflections on the drafts."""
+def _reflection_quality(rows: Sequence[dict], modes: Sequence[str]) -> dict:
+    """Verdict accuracy, confusion, parse rate and region IoU of the reflections on the drafts; per correcting
+    mode, what correction did to the drafts sent to it (``fixed``: failed drafts now passing, ``broken``:
+    passing drafts now failing); for ``mcot-verify``, which image its verification kept."""
     rr = [r["reflection"] for r in rows]
     ious = [x["iou"] for x in rr if x["iou"] is not None]
     # an unparseable reflection is corrected like a `revise` (the loop must do something) but it is never
@@ -504,8 +538,16 @@ def _reflection_quality(rows: Sequence[dict], with_mcot: bool) -> dict:
            "parsed": float(np.mean([x["parsed"] for x in rr])), "confusion": conf,
            "region_iou": float(np.mean(ious)) if ious else None, "region_iou_n": len(ious),
            "corrected": sum(x["corrected"] for x in rr)}
-    if with_mcot:
+    if "mcot" in modes:
         out["mcot_images_mean"] = float(np.mean([r["mcot_images"] for r in rows]))
+    sent = [r for r in rows if r["reflection"]["corrected"]]
+    out["correction"] = {m: {"fixed": sum(1 for r in sent if r["reflection"]["truth"] == "revise" and r[m]["passed"]),
+                             "failed_drafts": sum(1 for r in sent if r["reflection"]["truth"] == "revise"),
+                             "broken": sum(1 for r in sent if r["reflection"]["truth"] == "ok" and not r[m]["passed"]),
+                             "passing_drafts": sum(1 for r in sent if r["reflection"]["truth"] == "ok")}
+                         for m in ("mcot", "mcot-verify", "mcot-regen") if m in modes}
+    if "mcot-verify" in modes:
+        out["verify_kept"] = {w: sum(1 for r in sent if r["verify"]["kept"] == w) for w in ("correction", "draft")}
     return out
 
 
@@ -617,6 +659,12 @@ def ablation_markdown(res: dict) -> str:
         if "mcot_images_mean" in r:
             lines.append(f"- mcot: {r['mcot_images_mean']:.2f} images per prompt on average (at most "
                          f"{res['settings'].get('rounds', 2)}, draft included)")
+        for m, c in r.get("correction", {}).items():
+            lines.append(f"- {m}: fixed {c['fixed']} of the {c['failed_drafts']} failed drafts corrected, broke "
+                         f"{c['broken']} of the {c['passing_drafts']} passing ones")
+        if "verify_kept" in r:
+            lines.append(f"- mcot-verify kept the correction for {r['verify_kept']['correction']} prompt(s), the "
+                         f"draft for {r['verify_kept']['draft']} (its reflection on the correction said `revise`)")
         lines.append("")
     lines += ["Seconds per prompt (shared stages counted in every mode that needs them):", "",
               "| mode | s / prompt |", "|---|---:|"]

@@ -150,11 +150,12 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
         "not a reflection",
         "<verdict>ok</verdict>",
     ]
+    checks = {1: "<verdict>ok</verdict>", 2: "<verdict>revise</verdict>\n<region>missing ring [0,0,900,900]</region>"}
     attach_adapters(model, AdapterConfig(r=4, init="gaussian"))
     for p in model.parameters():  # a visible adapter: B is zero at init
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
-    res = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 3)), records, modes=ALL_ABLATION_MODES,
+    res = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 3, checks)), records, modes=ALL_ABLATION_MODES,
                        batch_size=3, image_hw=HW, sampler=SamplerSettings(num_timesteps=3), text=TextSettings(8, 8),
                        out_dir=tmp_path / "out", n_boot=200, progress=False)
     with adapters_disabled(model):  # the base mode really runs without the adapter
@@ -166,6 +167,12 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(img["base"], img["t2i"]))
     refl = [r["reflection"] for r in res["prompts"]]
     assert [x["verdict"] for x in refl] == ["ok", "revise", "revise", "ok"]
+    # mcot-verify: the correction judged ok is kept (mcot's image), the one judged revise gives the draft back
+    assert np.array_equal(img["mcot-verify"][1], img["mcot"][1]) and not np.array_equal(img["mcot"][1], img["plan-act"][1])
+    assert np.array_equal(img["mcot-verify"][2], img["plan-act"][2])
+    assert [r.get("verify", {}).get("kept") for r in res["prompts"]] == [None, "correction", "draft", None]
+    assert res["reflection"]["verify_kept"] == {"correction": 1, "draft": 1}
+    assert set(res["reflection"]["correction"]) == {"mcot", "mcot-verify", "mcot-regen"}
     assert [x["parsed"] for x in refl] == [True, True, False, True]
     for k, x in enumerate(refl):  # correction only on revise; ok keeps the draft
         same = np.array_equal(img["mcot"][k], img["plan-act"][k])
@@ -191,6 +198,7 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
     assert set(res["seconds_per_prompt"]) == set(ALL_ABLATION_MODES)
     assert all(v > 0 for v in res["seconds_per_prompt"].values())
     assert set(res["differences"]) == {"mcot - t2i-twice", "plan-act - t2i-twice", "mcot - plan-act",
+                                       "mcot-verify - t2i-twice", "mcot-verify - plan-act", "mcot-verify - mcot",
                                        "plan-guided - plan-act"}
     # plan guidance (scale 2 against text scale 4) changes the image drawn from the same plan and noise
     assert res["settings"]["sampler"]["cfg_plan_scale"] == 2.0
@@ -205,7 +213,7 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
 
     # batching does not change the results, nor does keeping the adapter unmerged (the default merges it)
     assert res["settings"]["merged_adapters"] is True
-    res1 = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 1)), records, modes=ALL_ABLATION_MODES,
+    res1 = run_ablation(model, ScriptedTokenizer(tok, _script(plans, refls, 1, checks)), records, modes=ALL_ABLATION_MODES,
                         batch_size=1, image_hw=HW, sampler=SamplerSettings(num_timesteps=3), text=TextSettings(8, 8),
                         out_dir=tmp_path / "out1", n_boot=200, progress=False, merge_adapters=False)
     assert res1["settings"]["merged_adapters"] is False
@@ -217,11 +225,13 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
         run_ablation(model, tok, records, modes=("nope",))
 
 
-def _script(plans, refls, batch):
-    """The order texts are decoded in: per batch, its plans, then its reflections."""
+def _script(plans, refls, batch, checks=None):
+    """The order texts are decoded in: per batch, its plans, its reflections, then mcot-verify's reflections on
+    the corrections (``checks``: prompt index -> text, for the prompts sent to correction)."""
     out = []
     for b in range(0, len(plans), batch):
         out += plans[b:b + batch] + refls[b:b + batch]
+        out += [checks[i] for i in range(b, min(b + batch, len(plans))) if checks and i in checks]
     return out
 
 
@@ -284,5 +294,15 @@ def test_ablation_mcot_rounds(fixture_dir, tmp_path):
     d = np.abs(img["two"][2].astype(int) - img["three"][2].astype(int)).mean(-1)
     assert d[16:, 16:].mean() > d[:16, :16].mean()  # the flagged quarter changes most (the decoder mixes a little)
     assert "1.75 images per prompt" in (tmp_path / "three" / "ablation.md").read_text()
+    # mcot-verify with rounds 3: prompt 1's correction was judged ok in the loop (kept, not reflected on again);
+    # prompt 2's third image is reflected on once more: `ok` keeps it
+    kw["modes"] = ("plan-act", "mcot", "mcot-verify")
+    ver = run_ablation(model, ScriptedTokenizer(tok, plans + refls + second + ["<verdict>ok</verdict>"]), records,
+                       out_dir=tmp_path / "ver", rounds=3, **kw)
+    assert [r.get("verify", {}).get("kept") for r in ver["prompts"]] == [None, "correction", "correction", None]
+    for r in ver["prompts"]:
+        a, b = (np.asarray(_open(tmp_path / "ver" / r[m]["image"])) for m in ("mcot", "mcot-verify"))
+        assert np.array_equal(a, b)
+    assert ver["reflection"]["correction"]["mcot-verify"] == ver["reflection"]["correction"]["mcot"]
     with pytest.raises(ValueError, match="rounds"):
         run_ablation(model, tok, records, modes=("mcot", "mcot-regen"), rounds=3)
