@@ -189,8 +189,7 @@ class _Ablation:
         self.plan_scale = PLAN_GUIDANCE_SCALE if plan_scale is None else plan_scale
         self.pack = max(1, round(pack_tokens / (self.N + 2)))
         self.secs = dict.fromkeys(("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen", "guided",
-                                                 "verify"),
-                                  0.0)
+                                   "verify"), 0.0)
 
     # ---------------------------------------------------------------- tools
     @contextlib.contextmanager
@@ -385,8 +384,8 @@ class _Ablation:
             if "mcot" in modes:
                 row["mcot_images"] = bt.used[k]
             if "mcot-verify" in modes and s.verdict != "ok":  # which image the verification kept
-                row["verify"] = {"verdict": bt.verified.get(k, "ok"),
-                                 "kept": "draft" if bt.verified.get(k, "ok") != "ok" else "correction"}
+                v = bt.verified.get(k, "ok")  # absent: the rounds loop already judged the correction ok
+                row["verify"] = {"verdict": v, "kept": "correction" if v == "ok" else "draft"}
             row["reflection"] = {"text": s.text, "parsed": s.parsed is not None, "verdict": s.verdict,
                                  "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                  "corrected": s.verdict != "ok",
