@@ -2,8 +2,9 @@
 
 :func:`run_ablation` (``ftkit eval shapes --ablation``) draws each prompt in FoX's modes -- ``base``, ``t2i``,
 ``t2i-twice``, ``plan-act``, ``mcot`` (verdict-gated correction by inpainting the flagged regions),
-``mcot-verify`` (a correction kept only when the model's own reflection on it says ``ok``), ``mcot-regen`` and
-``plan-guided`` (GoT's plan guidance) -- from the same starting noises, batched through
+``mcot-verify`` (a correction kept only when the model's own reflection on it says ``ok``), ``mcot-regen``,
+``mcot-oracle`` (the evaluator's verdict and failed regions in place of the model's reflection: what the correction
+alone can repair) and ``plan-guided`` (GoT's plan guidance) -- from the same starting noises, batched through
 the sampler, and reports the scores by GenEval's rules (:mod:`ftkit.infer.evaluate`), the paired
 differences with category-stratified bootstrap intervals, the reflection's quality and seconds per prompt.
 
@@ -32,8 +33,8 @@ import torch
 
 from ftkit.adapters.attach import adapters_disabled, adapters_merged, has_adapters
 from ftkit.data.geneval import GENEVAL_TAGS, Detector, default_detector, judge_image
-from ftkit.data.schema import PlanStep, ReflectStep
-from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
+from ftkit.data.schema import PlanStep, ReflectStep, Region
+from ftkit.data.serialize import ParseError, parse_plan, parse_reflection, serialize_reflection
 from ftkit.files import atomic_write
 from ftkit.infer.context import GuidanceContexts
 from ftkit.infer.evaluate import (
@@ -47,19 +48,22 @@ from ftkit.infer.evaluate import (
 )
 from ftkit.infer.mcot import SamplerSettings, TextSettings, _image_cell, _Text, default_vit_hw
 from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
+from ftkit.infer.selfcritique import shapes_judge
 
 ABLATION_MODES = ("base", "t2i", "t2i-twice", "plan-act", "mcot")
-ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-verify", "mcot-regen", "plan-guided")
+ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-verify", "mcot-regen", "mcot-oracle", "plan-guided")
 # plan-guided's plan scale when the sampler sets none: GoT's spatial / semantic ratio (4.0 / 7.5) at text scale 4
 PLAN_GUIDANCE_SCALE = 2.0
 ABLATION_SEED = 1011  # held-out: training data uses seed 0, the shipped shapes-eval seed 1
 ABLATION_N = 600
 DIFFERENCES = (("mcot", "t2i-twice"), ("plan-act", "t2i-twice"), ("mcot", "plan-act"), ("mcot-verify", "t2i-twice"),
-               ("mcot-verify", "plan-act"), ("mcot-verify", "mcot"), ("plan-guided", "plan-act"))
+               ("mcot-verify", "plan-act"), ("mcot-verify", "mcot"), ("mcot-oracle", "plan-act"), ("mcot-oracle", "mcot"),
+               ("plan-guided", "plan-act"))
 # which pipeline stages each mode needs (for its seconds per prompt)
 _STAGES = {"base": ("base",), "t2i": ("t2i",), "t2i-twice": ("t2i", "twice"), "plan-act": ("plan", "draft"),
-           "mcot": ("plan", "draft", "reflect", "inpaint"), "mcot-verify": ("plan", "draft", "reflect", "inpaint", "verify"),
-           "mcot-regen": ("plan", "draft", "reflect", "regen"),
+           "mcot": ("plan", "draft", "see", "reflect", "inpaint"),
+           "mcot-verify": ("plan", "draft", "see", "reflect", "inpaint", "verify"),
+           "mcot-regen": ("plan", "draft", "see", "reflect", "regen"), "mcot-oracle": ("plan", "draft", "see", "oracle"),
            "plan-guided": ("plan", "guided")}
 
 
@@ -159,6 +163,8 @@ class _Batch:
         self.used = [1] * len(idx)  # images per prompt in mode mcot, draft included
         self.judged_ok: set[int] = set()  # prompts whose last correction the model's reflection called `ok`
         self.verified: dict[int, str] = {}  # prompt k -> the verdict on its last correction (mcot-verify)
+        self.oracle: list = []  # the evaluator's Critique of each draft (mcot-oracle)
+        self.oracle_masks: dict[int, torch.Tensor] = {}  # prompt k -> latent tokens the oracle's correction redraws
 
     @property
     def revised(self) -> list[int]:
@@ -184,12 +190,13 @@ class _Ablation:
         self.vit_hw = default_vit_hw(model, hw)
         self.tx = _Text(model, tokenizer)
         self.detector, self.color_fn = detector, color_fn
+        self.critic = shapes_judge(detector=detector, color_fn=color_fn)  # mcot-oracle's reflections
         self.skw = (sampler or SamplerSettings()).kwargs()
         plan_scale = self.skw.pop("cfg_plan_scale")  # only the plan-guided mode guides the plan
         self.plan_scale = PLAN_GUIDANCE_SCALE if plan_scale is None else plan_scale
         self.pack = max(1, round(pack_tokens / (self.N + 2)))
-        self.secs = dict.fromkeys(("base", "t2i", "twice", "plan", "draft", "reflect", "inpaint", "regen", "guided",
-                                   "verify"), 0.0)
+        self.secs = dict.fromkeys(("base", "t2i", "twice", "plan", "draft", "see", "reflect", "inpaint", "regen",
+                                   "oracle", "guided", "verify"), 0.0)
 
     # ---------------------------------------------------------------- tools
     @contextlib.contextmanager
@@ -264,6 +271,13 @@ class _Ablation:
         if "guided" in need:
             with self.clock("guided"):
                 bt.imgs["plan-guided"] = self.sample(bt.gcs_p, bt.eps1, plan_guided=True)[1]
+        if "see" in need:
+            with self.clock("see"):
+                for g, im, gen in zip(bt.gcs_p, bt.imgs["plan-act"], bt.gens):
+                    g.add_image(im, vae_hw=self.hw, vit_hw=self.vit_hw, generator=gen)
+        if "oracle" in need:  # before the model's reflections extend the contexts
+            with self.clock("oracle"):
+                bt.imgs["mcot-oracle"] = self.oracle(bt)
         if "reflect" in need:
             with self.clock("reflect"):
                 self.reflect(bt)
@@ -286,9 +300,7 @@ class _Ablation:
             bt.plans.append((txt, pl))
 
     def reflect(self, bt: _Batch) -> None:
-        """The draft into each plan context, a reflection on it; a ``revise`` goes into the context too."""
-        for g, im, gen in zip(bt.gcs_p, bt.imgs["plan-act"], bt.gens):
-            g.add_image(im, vae_hw=self.hw, vit_hw=self.vit_hw, generator=gen)
+        """A reflection on each draft (in the context since stage ``see``); a ``revise`` goes into the context too."""
         bt.said = self.reflections(bt.gcs_p)
         for k in bt.revised:
             bt.gcs_p[k].add_generated_text(bt.said[k].ids)
@@ -332,6 +344,29 @@ class _Ablation:
             cur = dict(zip(again, lat_f))
             for k, im in zip(again, fixed):
                 final[k], bt.used[k] = im, r
+        return final
+
+    def oracle(self, bt: _Batch) -> list:
+        """``mcot-oracle``'s final image per prompt: the evaluator judges each draft (:func:`~ftkit.infer.selfcritique.
+        shapes_judge`, this run's detector); a draft it passes is kept, a failed one gets the judge's reflection
+        (its critique, and its regions: the failed detections' boxes, the plan's box of a missing object, else
+        the whole image) written into a fork of the context, and is inpainted under those regions from ``eps2``
+        -- ``mcot`` with a perfect critic, so what is left to gain is the correction's own."""
+        bt.oracle = [self.critic(im, {"prompt": p, "meta": meta}, pl)
+                     for im, (_, p, meta), (_, pl) in zip(bt.imgs["plan-act"], bt.fields, bt.plans)]
+        final = list(bt.imgs["plan-act"])
+        rev = [k for k, c in enumerate(bt.oracle) if c.verdict != "ok"]
+        if not rev:
+            return final
+        gcs = [bt.gcs_p[k].fork() for k in rev]
+        for k, g in zip(rev, gcs):
+            c = bt.oracle[k]
+            step = ReflectStep("revise", c.critique, [Region(tuple(r["box"]), r["label"], r["kind"]) for r in c.regions])
+            g.add_generated_text(self.tx.encode(serialize_reflection(step)))
+            bt.oracle_masks[k] = self.flagged_tokens(step)
+        _, fixed = self.sample(gcs, [bt.eps2[k] for k in rev], [(bt.lat_d[k], bt.oracle_masks[k]) for k in rev])
+        for k, im in zip(rev, fixed):
+            final[k] = im
         return final
 
     def verify(self, bt: _Batch) -> list:
@@ -390,6 +425,10 @@ class _Ablation:
                                  "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                  "corrected": s.verdict != "ok",
                                  "inpainted_tokens": int(bt.masks[k].sum()) if k in bt.masks else 0}
+        if "oracle" in need:
+            c = bt.oracle[k]
+            row["oracle"] = {"verdict": c.verdict, "critique": c.critique, "regions": [r["box"] for r in c.regions],
+                             "inpainted_tokens": int(bt.oracle_masks[k].sum()) if k in bt.oracle_masks else 0}
         return row
 
 
@@ -423,6 +462,11 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
       ``mcot``, one more reflection per corrected prompt);
     * ``mcot-regen``: as ``mcot`` but the correction regenerates the whole image from the context (one
       correction; not combined with ``rounds`` > 2, which extends the shared contexts).
+    * ``mcot-oracle``: as ``mcot`` with one correction, but the evaluator is the critic: a draft it passes is kept,
+      a failed one gets its reflection (:func:`~ftkit.infer.selfcritique.shapes_judge`'s critique and regions, in
+      the reflection format) in place of the model's, and is inpainted under those regions from ``eps2``. It
+      uses the evaluator's truth, so it is a diagnostic, not a method: the score a perfect reflection would
+      reach with this correction (rows get ``oracle``, the result ``oracle``: failed drafts fixed).
     * ``plan-guided``: the ``plan-act`` image (same plan, same ``eps1``) sampled with plan guidance
       (GoT; ``sampler.cfg_plan_scale``, default :data:`PLAN_GUIDANCE_SCALE`): a fourth branch without the
       plan, so the plan is guided against the prompt alone.
@@ -463,7 +507,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     run = _Ablation(model, tokenizer, hw=hw, sampler=sampler, text=text, detector=detector, color_fn=color_fn,
                     pack_tokens=pack_tokens, rounds=rounds)
     adapted = has_adapters(model)
-    need = {s for m in modes for s in _STAGES[m]} | ({"plan", "draft", "reflect"} if reflect else set())
+    need = {s for m in modes for s in _STAGES[m]} | ({"plan", "draft", "see", "reflect"} if reflect else set())
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         for m in modes:
@@ -496,13 +540,18 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     diffs = {f"{a} - {b}": paired_bootstrap(passes[a], passes[b], tags, n_boot, seed)
              for a, b in DIFFERENCES if a in modes and b in modes}
     reflection = _reflection_quality(rows, modes) if "reflect" in need else None
+    if "mcot-oracle" in modes:  # what the correction repairs when the critic is right
+        sent = [r for r in rows if r["oracle"]["verdict"] == "revise"]
+        oracle = {"failed_drafts": len(sent), "fixed": sum(1 for r in sent if r["mcot-oracle"]["passed"]),
+                  "judged_ok": sum(1 for r in rows if r["oracle"]["verdict"] == "ok")}
     per_prompt = {m: round(sum(run.secs[s] for s in _STAGES[m]) / n, 4) for m in modes}
     counts: dict[str, int] = {}
     for t in tags:
         counts[t] = counts.get(t, 0) + 1
     res = {
         **(info or {}), "n": n, "modes": list(modes), "counts": counts, "scores": scores, "differences": diffs,
-        "reflection": reflection, "seconds_per_prompt": per_prompt,
+        "reflection": reflection, **({"oracle": oracle} if "mcot-oracle" in modes else {}),
+        "seconds_per_prompt": per_prompt,
         "stage_seconds": {s: round(v, 3) for s, v in run.secs.items() if s in need},
         "adapter_attached": adapted,
         "settings": {"batch_size": batch_size, "pack": run.pack, "image_hw": list(hw), "seed": seed, "n_boot": n_boot,
@@ -665,6 +714,10 @@ def ablation_markdown(res: dict) -> str:
             lines.append(f"- mcot-verify kept the correction for {r['verify_kept']['correction']} prompt(s), the "
                          f"draft for {r['verify_kept']['draft']} (its reflection on the correction said `revise`)")
         lines.append("")
+    o = res.get("oracle")
+    if o:
+        lines += [f"mcot-oracle (the evaluator's verdict and regions as the reflection): fixed {o['fixed']} of the "
+                  f"{o['failed_drafts']} failed drafts; {o['judged_ok']} passing drafts kept", ""]
     lines += ["Seconds per prompt (shared stages counted in every mode that needs them):", "",
               "| mode | s / prompt |", "|---|---:|"]
     lines += [f"| {m} | {v:.3f} |" for m, v in res["seconds_per_prompt"].items()]

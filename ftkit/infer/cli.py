@@ -219,7 +219,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ablation", action="store_true", help="FoX's ablation instead: base, t2i, t2i-twice, plan-act, "
                     "mcot (inpainting correction) on the same prompts, with bootstrap intervals (ablation.json/.md)")
     sp.add_argument("--ablation-modes", nargs="+", default=None, metavar="MODE",
-                    help="ablation modes (default base t2i t2i-twice plan-act mcot; also mcot-verify, mcot-regen, "
+                    help="ablation modes (default base t2i t2i-twice plan-act mcot; also mcot-verify, mcot-regen, mcot-oracle, "
                          "plan-guided)")
     sp.add_argument("--batch", type=int, default=16, help="prompts per sampler call in --ablation (default 16)")
     sp.add_argument("--detector", default=None, metavar="MODULE:CALLABLE",

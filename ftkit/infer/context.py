@@ -382,6 +382,13 @@ class GuidanceContexts:
         self.uncond_img = Context(model)
         self.uncond_plan: Context | None = None
 
+    def fork(self) -> GuidanceContexts:
+        """Independent copies of the contexts (sharing the immutable cache tensors): one branch of the loop."""
+        g = GuidanceContexts.__new__(GuidanceContexts)
+        g.cond, g.uncond_text, g.uncond_img = self.cond.copy(), self.uncond_text.copy(), self.uncond_img.copy()
+        g.uncond_plan = None if self.uncond_plan is None else self.uncond_plan.copy()
+        return g
+
     def add_user_text(self, ids) -> GuidanceContexts:
         self.uncond_text = self.cond.copy()
         self.cond.add_text(ids)

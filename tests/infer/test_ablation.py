@@ -199,7 +199,18 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
     assert all(v > 0 for v in res["seconds_per_prompt"].values())
     assert set(res["differences"]) == {"mcot - t2i-twice", "plan-act - t2i-twice", "mcot - plan-act",
                                        "mcot-verify - t2i-twice", "mcot-verify - plan-act", "mcot-verify - mcot",
-                                       "plan-guided - plan-act"}
+                                       "mcot-oracle - plan-act", "mcot-oracle - mcot", "plan-guided - plan-act"}
+    # mcot-oracle: the evaluator's verdict on each draft (noise: every one fails), its region the plan's box of a
+    # missing object, inpainted from the draft: the far pixels stay (nearly) as drawn
+    oracle = [r["oracle"] for r in res["prompts"]]
+    assert [o["verdict"] for o in oracle] == ["revise"] * 4 and res["oracle"] == {"failed_drafts": 4, "fixed": 0,
+                                                                                   "judged_ok": 0}
+    assert all(o["regions"] and all(b == [100, 100, 400, 400] for b in o["regions"]) and o["critique"] for o in oracle)
+    assert oracle[0]["inpainted_tokens"] == int(region_token_mask([[100, 100, 400, 400]], (gh, gw)).sum())
+    for k in range(4):  # (the tiny random decoder spreads a change: far pixels move, much less than regenerated)
+        assert not np.array_equal(img["mcot-oracle"][k], img["plan-act"][k])
+        assert np.abs(img["mcot-oracle"][k][far].astype(int) - img["plan-act"][k][far].astype(int)).mean() < d_re / 2
+    assert "mcot-oracle (the evaluator's verdict" in (tmp_path / "out" / "ablation.md").read_text()
     # plan guidance (scale 2 against text scale 4) changes the image drawn from the same plan and noise
     assert res["settings"]["sampler"]["cfg_plan_scale"] == 2.0
     assert any(not np.array_equal(a, b) for a, b in zip(img["plan-guided"], img["plan-act"]))
