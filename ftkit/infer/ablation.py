@@ -33,7 +33,7 @@ import torch
 
 from ftkit.adapters.attach import adapters_disabled, adapters_merged, has_adapters
 from ftkit.data.geneval import GENEVAL_TAGS, Detector, default_detector, judge_image
-from ftkit.data.schema import PlanStep, ReflectStep, Region
+from ftkit.data.schema import PlanStep, ReflectStep
 from ftkit.data.serialize import ParseError, parse_plan, parse_reflection, serialize_reflection
 from ftkit.files import atomic_write
 from ftkit.infer.context import GuidanceContexts
@@ -46,7 +46,14 @@ from ftkit.infer.evaluate import (
     check_modes,
     results_table,
 )
-from ftkit.infer.mcot import SamplerSettings, TextSettings, _image_cell, _Text, default_vit_hw
+from ftkit.infer.mcot import (
+    SamplerSettings,
+    TextSettings,
+    _image_cell,
+    _reflection_from,
+    _Text,
+    default_vit_hw,
+)
 from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
 from ftkit.infer.selfcritique import shapes_judge
 
@@ -361,7 +368,7 @@ class _Ablation:
         gcs = [bt.gcs_p[k].fork() for k in rev]
         for k, g in zip(rev, gcs):
             c = bt.oracle[k]
-            step = ReflectStep("revise", c.critique, [Region(tuple(r["box"]), r["label"], r["kind"]) for r in c.regions])
+            step = _reflection_from({"verdict": "revise", "critique": c.critique, "regions": c.regions})
             g.add_generated_text(self.tx.encode(serialize_reflection(step)))
             bt.oracle_masks[k] = self.flagged_tokens(step)
         _, fixed = self.sample(gcs, [bt.eps2[k] for k in rev], [(bt.lat_d[k], bt.oracle_masks[k]) for k in rev])
