@@ -63,6 +63,10 @@ def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: i
                         "off; the ablation's plan-guided mode uses 2.0 unless set)")
     g.add_argument("--cfg-renorm", default="global", choices=["global", "channel", "text_channel"],
                    help="guidance renorm type (default global)")
+    g.add_argument("--inpaint", default="auto", choices=["auto", "path", "clean"],
+                   help="how an inpainting correction holds the unflagged tokens: on the noise-to-draft path, or "
+                        "clean at timestep 0 (region-conditioned: adapters trained with model.region_noise); "
+                        "default auto: what the adapter was trained for")
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
     g.add_argument("--max-new-tokens", type=int, default=tokens,
                    help=f"most tokens per plan / reflection (default {tokens}; greedy decoding)")
@@ -88,9 +92,14 @@ def _settings(a: argparse.Namespace):
     lo, hi = a.cfg_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--cfg-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
+    inpaint = a.inpaint
+    if inpaint == "auto":
+        from ftkit.infer.load import adapter_inpaint
+
+        inpaint = adapter_inpaint(a.adapter) if getattr(a, "adapter", None) else "path"
     sampler = SamplerSettings(num_timesteps=a.steps, timestep_shift=a.shift, cfg_text_scale=a.cfg_text,
                               cfg_img_scale=a.cfg_img, cfg_interval=(lo, hi), cfg_renorm_type=a.cfg_renorm,
-                              cfg_plan_scale=a.cfg_plan)
+                              cfg_plan_scale=a.cfg_plan, inpaint=inpaint)
     text = TextSettings(max_plan_tokens=a.max_new_tokens, max_reflect_tokens=a.max_new_tokens)
     return hw, sampler, text
 

@@ -63,6 +63,14 @@ def _adapter_base(adapter: Path) -> tuple[str | None, list[str]]:
     return (ad.meta.get("base") or {}).get("path"), ad.experts
 
 
+def adapter_inpaint(adapter: str | os.PathLike) -> str:
+    """The sampler's ``inpaint`` mode an adapter was trained for: ``"clean"`` when ``ftkit fit`` recorded
+    ``region_noise`` in its ``ftkit_adapter.json`` (region-conditioned refinement), else ``"path"``."""
+    from ftkit.adapters.io import AdapterFolder
+
+    return "clean" if (AdapterFolder(Path(adapter)).meta.get("extra") or {}).get("region_noise") else "path"
+
+
 def load_for_inference(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
                        dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                        quantize: str | None = None):

@@ -53,6 +53,7 @@ class SamplerSettings:
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
     cfg_plan_scale: float | None = None  # plan guidance (GoT; see ftkit.infer.sampler); None = off
+    inpaint: str = "path"  # how a correction holds the unflagged tokens (ftkit.infer.sampler.INPAINT_MODES)
 
     def kwargs(self) -> dict:
         d = asdict(self)

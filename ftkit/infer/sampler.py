@@ -40,6 +40,8 @@ i.e. outside the region the latent is exactly the point of the straight noise-to
 current t (the forward process of training, with the same eps), so the region is denoised in the
 context of the draft's own noisy neighbourhood, and at t = 0 the outside is ``z`` itself (bit for bit).
 The model's velocity is computed on the whole block each step; only the region keeps its update.
+``inpaint="clean"`` (region-conditioned refinement, for adapters trained with ``region_noise``) holds the
+outside at ``z`` itself with timestep 0 instead, so the per-token timestep marks the region to redraw.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from ftkit.models.bagel import timestep_schedule
 from ftkit.segments import Kind
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+INPAINT_MODES = ("path", "clean")
 
 
 def latent_grid(model, hw: tuple[int, int]) -> tuple[int, int]:
@@ -79,25 +82,31 @@ def latent_grid(model, hw: tuple[int, int]) -> tuple[int, int]:
     return gh, gw
 
 
-def _flow_block(ctx: Context, x_t: torch.Tensor, t: torch.Tensor, grid: tuple[int, int]):
+def _flow_block(ctx: Context, x_t: torch.Tensor, t: torch.Tensor, grid: tuple[int, int],
+                held: torch.Tensor | None = None):
     model = ctx.model
     tt = t.reshape(1).to(model.device, torch.float32).expand(x_t.shape[0])
+    if held is not None:  # tokens held clean (inpaint="clean") carry timestep 0
+        tt = torch.where(held.to(model.device), torch.zeros_like(tt), tt)
     body = vae_token_embeds(model, x_t.to(model.device), tt, grid)
     return segment_block(model, Kind.VAE_NOISY, body, ctx.position)
 
 
 @torch.no_grad()
 def velocities(contexts: Sequence[Context], x_ts: Sequence[torch.Tensor], t, hws: Sequence[tuple[int, int]],
-               merged: MergedCache | None = None, packed: bool = True) -> list[torch.Tensor]:
+               merged: MergedCache | None = None, packed: bool = True,
+               held: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Velocity of each ``x_ts[i]`` ([N_i, p*p*C] latent tokens) given ``contexts[i]``, all at timestep
-    ``t`` (float or 0-d tensor). ``packed``: ONE decoder call for all (``merged`` = ``merge_caches`` of
-    the contexts' caches, to reuse across steps); else one call per context. Returns float32
-    ``[N_i, p*p*C]`` per item."""
+    ``t`` (float or 0-d tensor), except the tokens ``held[i]`` ([N_i] bool) marks: clean, at timestep 0.
+    ``packed``: ONE decoder call for all (``merged`` = ``merge_caches`` of the contexts' caches, to reuse
+    across steps); else one call per context. Returns float32 ``[N_i, p*p*C]`` per item."""
     if not contexts:
         return []
     model = contexts[0].model
     t = torch.as_tensor(t, dtype=torch.float32)
-    blocks = [_flow_block(c, x, t, latent_grid(model, hw)) for c, x, hw in zip(contexts, x_ts, hws, strict=True)]
+    held = list(held) if held is not None else [None] * len(contexts)
+    blocks = [_flow_block(c, x, t, latent_grid(model, hw), h)
+              for c, x, hw, h in zip(contexts, x_ts, hws, held, strict=True)]
     if not packed:
         return [model.llm2vae(forward_blocks(model, [c.cache], [b])[0][0][1:-1]).float()
                 for c, b in zip(contexts, blocks)]
@@ -165,6 +174,7 @@ def generate_images(
     keep: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     uncond_plans: Sequence[Context | None] | None = None,
     cfg_plan_scale: float | None = None,
+    inpaint: str = "path",
 ) -> list[torch.Tensor]:
     """Sample one image per conditioning context, all of size ``hw`` = (H, W) pixels, batched: every
     Euler step runs all prompts and all their guidance branches in one decoder call.
@@ -187,6 +197,9 @@ def generate_images(
         keep: per image ``None`` or ``(z, mask)``: inpaint (module docstring): ``z`` ``[N, p*p*C]`` latent
             tokens to keep, ``mask`` ``[N]`` bool, True where the image is regenerated; outside the mask
             the state is ``(1 - t) z + t eps`` at every step (and ``z`` exactly at the end).
+        inpaint: how ``keep`` holds the tokens outside the mask: ``"path"`` on the noise-to-draft path at the
+            current t (any model), ``"clean"`` at ``z`` itself with timestep 0 (region-conditioned
+            refinement: for adapters trained with ``region_noise``).
 
     Returns:
         per image, the final latent tokens ``[N, p*p*C]`` (float32; decode with :func:`decode_image`).
@@ -223,10 +236,15 @@ def generate_images(
     uncond_texts = [u if u is not None else Context(model) for u in uncond_texts]
     ts = timestep_schedule(num_timesteps, timestep_shift).to(model.device)
     keeps = _check_keep(keep, B, N, C, model.device)
+    if inpaint not in INPAINT_MODES:
+        raise ValueError(f"inpaint {inpaint!r}: choose {' or '.join(INPAINT_MODES)}")
     eps = list(xs)
+    clean = inpaint == "clean"
+    held = [None if k is None else ~k[1] for k in keeps] if clean and keep is not None else None
 
     def _paste(xs_: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
-        return [x if k is None else torch.where(k[1][:, None], x, (1 - t) * k[0] + t * e)
+        tk = torch.zeros_like(t) if clean else t
+        return [x if k is None else torch.where(k[1][:, None], x, (1 - tk) * k[0] + tk * e)
                 for x, k, e in zip(xs_, keeps, eps)]
 
     if keep is not None:
@@ -242,17 +260,21 @@ def generate_images(
         guided = cfg_text_scale > 1.0 and lo < float(t) <= hi
         ctxs = all_ctxs if guided else list(conds)
         xq = xs + xs + [xs[j] for j in img_rows] + [xs[j] for j in plan_rows] if guided else list(xs)
+
+        hq = ((held + held + [held[j] for j in img_rows] + [held[j] for j in plan_rows] if guided else list(held))
+              if held else [None] * len(ctxs))  # the held tokens of each branch row of xq
         if packed is True or packed is False:
             if packed and guided not in merged:
                 merged[guided] = merge_caches([c.cache for c in ctxs])
-            vs = velocities(ctxs, xq, t, [hw] * len(ctxs), merged=merged.get(guided), packed=packed)
+            vs = velocities(ctxs, xq, t, [hw] * len(ctxs), merged=merged.get(guided), packed=packed, held=hq)
         else:
             k = max(1, int(packed))
             chunks = [range(a, min(len(ctxs), a + k)) for a in range(0, len(ctxs), k)]
             if guided not in merged:
                 merged[guided] = [merge_caches([ctxs[c].cache for c in ch]) for ch in chunks]
             vs = [v for ch, m in zip(chunks, merged[guided])
-                  for v in velocities([ctxs[c] for c in ch], [xq[c] for c in ch], t, [hw] * len(ch), merged=m)]
+                  for v in velocities([ctxs[c] for c in ch], [xq[c] for c in ch], t, [hw] * len(ch), merged=m,
+                                      held=[hq[c] for c in ch])]
         new = []
         for j in range(B):
             v = vs[j]
@@ -293,10 +315,11 @@ def generate_image(model, ctx_cond: Context, ctx_uncond_text: Context | None = N
                    cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm_type: str = "global",
                    cfg_renorm_min: float = 0.0, init_noise: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, packed: bool = True,
-                   ctx_uncond_plan: Context | None = None, cfg_plan_scale: float | None = None) -> torch.Tensor:
+                   ctx_uncond_plan: Context | None = None, cfg_plan_scale: float | None = None,
+                   inpaint: str = "path") -> torch.Tensor:
     """One image: :func:`generate_images` with a single prompt (upstream's ``gen_image`` math).
     Returns the final latent tokens ``[N, p*p*C]``."""
-    return generate_images(model, [ctx_cond], [ctx_uncond_text], [ctx_uncond_img], hw=hw,
+    return generate_images(model, [ctx_cond], [ctx_uncond_text], [ctx_uncond_img], hw=hw, inpaint=inpaint,
                            uncond_plans=[ctx_uncond_plan], cfg_plan_scale=cfg_plan_scale,
                            num_timesteps=num_timesteps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
                            cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,

@@ -232,8 +232,13 @@ class BagelModel(nn.Module):
 
     def embed(self, batch: PackedBatch, *, timestep_shift: float | None = None, flow_noise: torch.Tensor | None = None,
               vae_posterior_eps: list[torch.Tensor] | None = None, clean_latent_tokens: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """PackedBatch -> LLM input sequence [L, D] and the flow quantities of the VAE tokens."""
+              generator: torch.Generator | None = None, region_noise: bool = False) -> tuple[torch.Tensor, dict]:
+        """PackedBatch -> LLM input sequence [L, D] and the flow quantities of the VAE tokens.
+
+        ``region_noise``: region-conditioned refinement (:func:`region_tokens`). A refinement after a reflection
+        that names regions is noised only under them; its other tokens are the draft's clean latent at
+        timestep 0, as the sampler's ``inpaint="clean"`` holds them, so the per-token timestep tells the model
+        which tokens to redraw. Only the redrawn tokens carry a flow loss."""
         D, dev, dt = self.cfg.llm.hidden_size, self.device, self.dtype
         L = batch.sequence_length
         seq = torch.zeros(L, D, dtype=dt, device=dev)
@@ -254,6 +259,10 @@ class BagelModel(nn.Module):
             t_img = self.sample_timesteps(batch, shift, generator).to(dev)
             tok_img = batch.vae_token_image().to(dev)
             t_tok = t_img[tok_img]
+            if region_noise:
+                weight, source = region_tokens(batch)
+                t_tok = t_tok * weight.to(dev)
+                clean = clean[source.to(dev)]  # outside the regions: the draft's own latent
             if flow_noise is None:
                 flow_noise = torch.randn(clean.shape, generator=generator).to(dev)
             noise = flow_noise.to(dev, torch.float32)
@@ -268,11 +277,11 @@ class BagelModel(nn.Module):
     def forward(self, batch: PackedBatch, *, return_logits: bool = False, timestep_shift: float | None = None,
                 flow_noise: torch.Tensor | None = None, vae_posterior_eps: list[torch.Tensor] | None = None,
                 clean_latent_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                attn_impl: str = "auto") -> BagelOutput:
+                attn_impl: str = "auto", region_noise: bool = False) -> BagelOutput:
         dev = self.device
         seq, ex = self.embed(batch, timestep_shift=timestep_shift, flow_noise=flow_noise,
                              vae_posterior_eps=vae_posterior_eps, clean_latent_tokens=clean_latent_tokens,
-                             generator=generator)
+                             generator=generator, region_noise=region_noise)
         spec = AttentionSpec.from_splits(batch.attention, batch.sequence_length, device=dev, impl=attn_impl)
         experts = self.expert_index(batch.functionality.to(dev), batch.token_kind.to(dev))
         hidden, _ = self.language_model.model(seq, batch.position_ids.to(dev), experts, spec)
@@ -283,7 +292,12 @@ class BagelModel(nn.Module):
             row_of = torch.full((batch.sequence_length,), -1, dtype=torch.long, device=dev)
             row_of[batch.vae_token_indexes.to(dev)] = torch.arange(batch.vae_token_indexes.numel(), device=dev)
             rows = row_of[batch.mse_indexes.to(dev)]
-            v_pred = self.llm2vae(hidden[batch.mse_indexes.to(dev)])
+            mse_idx = batch.mse_indexes.to(dev)
+            if region_noise:  # tokens held clean (timestep 0) have no velocity to learn
+                keep = ex["packed_timesteps"][rows] > 0
+                rows, mse_idx = rows[keep], mse_idx[keep]
+                ex["mse_keep"] = keep
+            v_pred = self.llm2vae(hidden[mse_idx])
             v_tgt = ex["flow_noise"][rows] - ex["packed_latent_clean"][rows]
             ex["mse_rows"] = rows
         else:
@@ -303,10 +317,33 @@ class BagelModel(nn.Module):
         return self.language_model.model(embeds, position_ids, expert_index, mask, past, use_cache=True)
 
 
+def region_tokens(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region-conditioned refinement's token plan: ``(weight [Nz] float, source [Nz] long)``. A noisy image
+    with a region mask (a refinement after a reflection that names regions) is redrawn under the mask only:
+    weight 1 there, 0 outside, where its input is the clean latent of token ``source`` -- the same cell of
+    the draft it refines (``batch.vae_pair_with``, same grid) or else its own. Every other token: weight 1,
+    source itself."""
+    counts = [h * w for h, w in batch.vae_latent_hw]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    weight = torch.ones(sum(counts))
+    source = torch.arange(sum(counts))
+    for i, ((h, w), noisy, mask) in enumerate(zip(batch.vae_latent_hw, batch.vae_image_noisy, batch.vae_region_masks)):
+        if not noisy or mask is None or not bool(mask.any()):
+            continue
+        a = starts[i]
+        m = mask.reshape(h * w).bool().cpu()
+        weight[a:a + h * w] = m.float()
+        j = int(batch.vae_pair_with[i])
+        if 0 <= j < len(counts) and tuple(batch.vae_latent_hw[j]) == (h, w):
+            src = torch.arange(starts[j], starts[j] + h * w)
+            source[a:a + h * w] = torch.where(m, source[a:a + h * w], src)
+    return weight, source
+
+
 def timestep_schedule(num_timesteps: int, shift: float, device=None) -> torch.Tensor:
     """Upstream's inference schedule: linspace(1, 0, n) then the timestep shift."""
     ts = torch.linspace(1, 0, num_timesteps, device=device)
     return shift_timestep(ts, shift)
 
 
-__all__ = ["BagelModel", "BagelOutput", "FlowLatents", "shift_timestep", "timestep_schedule"]
+__all__ = ["BagelModel", "BagelOutput", "FlowLatents", "region_tokens", "shift_timestep", "timestep_schedule"]

@@ -28,7 +28,8 @@ class AdapterExport(L.Callback):
         if pl_module.adapter_cfg is None:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        extra = {**self.extra, "global_step": trainer.global_step, "metrics": metrics}
+        extra = {**self.extra, "global_step": trainer.global_step, "metrics": metrics,
+                 "region_noise": bool(pl_module.hparams.get("region_noise", False))}  # its sampler's inpaint mode
         # FSDP2: gather full parameters on every rank (a collective), save on rank 0, shard again
         try:
             from torch.distributed.fsdp import FSDPModule

@@ -76,6 +76,9 @@ class MCoTModule(L.LightningModule):
             as in ``preference.experts`` (``understanding`` / ``linguistic``, ``semantic``, ``generative``).
         timestep_shift: training timestep shift s (t' = s t / (1 + (s-1) t)); upstream trains with 1.0
             at low resolution, 2.0+ at high.
+        region_noise: region-conditioned refinement (:meth:`BagelModel.embed`): a refinement whose reflection
+            names regions is noised only there, its other tokens stay clean at timestep 0 and carry no flow
+            loss; sample such an adapter with ``--inpaint clean``.
         gradient_checkpointing: recompute each decoder / ViT layer in backward.
         kernels: "auto" (Liger on CUDA if installed, else torch) | "liger" | "torch".
         attn_impl: "auto" (flex on CUDA, SDPA with a dense mask on CPU) | "sdpa" | "flex".
@@ -107,6 +110,7 @@ class MCoTModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         lr_scale: dict[str, float] | None = None,
         timestep_shift: float = 1.0,
+        region_noise: bool = False,
         gradient_checkpointing: bool = False,
         kernels: str = "auto",
         attn_impl: str = "auto",
@@ -277,7 +281,7 @@ class MCoTModule(L.LightningModule):
         m, lw = self.model, self.loss_weights
         eps, noise = self._draws(item)
         kw = dict(flow_noise=noise, vae_posterior_eps=eps, timestep_shift=self.hparams.timestep_shift,
-                  attn_impl=self.attn_impl)
+                  attn_impl=self.attn_impl, region_noise=self.hparams.region_noise)
         out = m(b, **kw)
         step_w = lw.step_weights()
         logs: dict[str, torch.Tensor] = {}
@@ -291,7 +295,8 @@ class MCoTModule(L.LightningModule):
             logs.update({f"ce/{STEP_NAMES[Step(s)]}": v.detach() for s, v in per.items()})
         if b.mse_indexes.numel():
             mse_tok = Ls.flow_mse_per_token(out.velocity_pred, out.velocity_target)
-            mse, per = Ls.step_breakdown(mse_tok, b.mse_step, step_w)
+            mse_step = b.mse_step[out.extras["mse_keep"].cpu()] if "mse_keep" in out.extras else b.mse_step
+            mse, per = Ls.step_breakdown(mse_tok, mse_step, step_w)
             total = total + lw.mse * mse
             logs["mse"] = mse.detach()
             logs.update({f"mse/{STEP_NAMES[Step(s)]}": v.detach() for s, v in per.items()})

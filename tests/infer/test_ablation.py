@@ -74,6 +74,29 @@ def test_inpainting_keeps_the_outside_bitwise_at_every_step(mt):
         generate_images(model, [gc.cond], hw=HW, num_timesteps=3, init_noise=[eps], keep=[(z, mask.float())])
 
 
+def test_inpaint_clean_holds_the_draft_at_timestep_zero(mt):
+    """Region-conditioned correction: outside the mask the state is the draft itself at every step (not its
+    noisy path), and the model is told so (those tokens enter at timestep 0), which changes the region."""
+    model, tok = mt
+    (gc,) = _conds(model, tok, ["a photo of a red circle"])
+    gh, gw = latent_grid(model, HW)
+    z, eps = _noise(model, 2, seed=3)
+    mask = region_token_mask([[0, 0, 500, 500]], (gh, gw))
+    seen = []
+
+    def cb(i, t, xs):
+        seen.append(i)
+        assert torch.equal(xs[0][~mask], z[~mask]), i
+
+    kw = dict(hw=HW, num_timesteps=5, init_noise=[eps], keep=[(z, mask)])
+    (x,) = generate_images(model, [gc.cond], [gc.uncond_text], inpaint="clean", callback=cb, **kw)
+    assert seen == list(range(4)) and torch.equal(x[~mask], z[~mask])
+    (path,) = generate_images(model, [gc.cond], [gc.uncond_text], **kw)
+    assert torch.equal(path[~mask], z[~mask]) and not torch.allclose(x[mask], path[mask])
+    with pytest.raises(ValueError, match="inpaint 'hold'"):
+        generate_images(model, [gc.cond], inpaint="hold", **kw)
+
+
 def test_region_token_mask():
     m = region_token_mask([[0, 0, 250, 250], [760, 760, 1000, 1000]], (4, 4)).reshape(4, 4)
     assert m[0, 0] and m[3, 3] and int(m.sum()) == 2
@@ -94,14 +117,16 @@ def test_batched_equals_unbatched(mt):
     gh, gw = latent_grid(model, HW)
     z = _noise(model, 1, seed=2)[0]
     keep = [None, (z, region_token_mask([[100, 100, 600, 900]], (gh, gw))), None]
-    kw = dict(hw=HW, num_timesteps=4)
-    runs = [generate_images(model, [g.cond for g in gcs], [g.uncond_text for g in gcs], [g.uncond_img for g in gcs],
-                            init_noise=eps, keep=keep, packed=packed, **kw) for packed in (True, 2)]
-    for j, g in enumerate(gcs):
-        (one,) = generate_images(model, [g.cond], [g.uncond_text], [g.uncond_img], init_noise=[eps[j]],
-                                 keep=[keep[j]], **kw)
-        for batched in runs:
-            torch.testing.assert_close(batched[j], one, rtol=1e-5, atol=1e-5)
+    for inpaint in ("path", "clean"):  # "clean": the held tokens' timestep rides along every branch row
+        kw = dict(hw=HW, num_timesteps=4, inpaint=inpaint)
+        runs = [generate_images(model, [g.cond for g in gcs], [g.uncond_text for g in gcs],
+                                [g.uncond_img for g in gcs], init_noise=eps, keep=keep, packed=packed, **kw)
+                for packed in (True, 2)]
+        for j, g in enumerate(gcs):
+            (one,) = generate_images(model, [g.cond], [g.uncond_text], [g.uncond_img], init_noise=[eps[j]],
+                                     keep=[keep[j]], **kw)
+            for batched in runs:
+                torch.testing.assert_close(batched[j], one, rtol=1e-5, atol=1e-5)
 
     texts = generate_texts([g.cond for g in gcs], 6, return_logits=True)
     for g, t in zip(gcs, texts):

@@ -56,6 +56,35 @@ def test_flow_is_the_vae_token_table_and_feeds_the_losses(model):
         Ls.spatial_consistency_from_batch(batch, bad, f.rows, v)
 
 
+def test_region_noise_redraws_only_the_flagged_tokens(model):
+    """region_noise: the refinement is noised under its region only; elsewhere its input is the draft's clean
+    latent at t = 0 and it has no flow loss. An image without a region mask is noised as before."""
+    flagged = torch.zeros(32, 32, dtype=torch.bool)
+    flagged[:16, :16] = True  # token (0, 0) of a 2 x 2 grid
+    segs = [Segment(Kind.TEXT, Step.PLAN, text_ids=[10, 11], loss=True),
+            Segment(Kind.VAE_CLEAN, Step.DRAFT, image=_img(32, 32, 0)),
+            Segment(Kind.TEXT, Step.REFLECT, text_ids=[12], loss=True),
+            Segment(Kind.VAE_NOISY, Step.REFINE, image=_img(32, 32, 1), loss=True, region_mask=flagged, pair_with=1)]
+    plain = [Segment(Kind.TEXT, Step.PLAN, text_ids=[13], loss=True),
+             Segment(Kind.VAE_NOISY, Step.DRAFT, image=_img(32, 32, 2), loss=True)]
+    batch = pack([segs, plain], pack_config_for(model.cfg))
+    clean = torch.randn(12, model.cfg.patch_latent_dim)
+    noise = torch.randn(12, model.cfg.patch_latent_dim)
+    out = model(batch, clean_latent_tokens=clean, flow_noise=noise, region_noise=True)
+    f, t = out.flow, out.flow.timesteps
+    assert t[:4].abs().max() == 0 and t[4] > 0 and t[5:8].abs().max() == 0 and (t[8:] > 0).all()
+    assert torch.equal(f.noisy[5:8], clean[1:4])  # outside the region: the draft, not the refinement's own latent
+    torch.testing.assert_close(f.noisy[4], (1 - t[4]) * clean[4] + t[4] * noise[4])
+    torch.testing.assert_close(f.noisy[8:], (1 - t[8:, None]) * clean[8:] + t[8:, None] * noise[8:])
+    assert f.rows.tolist() == [4, 8, 9, 10, 11] and out.extras["mse_keep"].tolist() == [True, False, False, False,
+                                                                                          True, True, True, True]
+    torch.testing.assert_close(out.velocity_target, noise[[4, 8, 9, 10, 11]] - clean[[4, 8, 9, 10, 11]])
+    assert out.velocity_pred.shape == (5, model.cfg.patch_latent_dim)
+    # off: every token of the refinement is noised and carries the loss
+    off = model(batch, clean_latent_tokens=clean, flow_noise=noise)
+    assert (off.flow.timesteps[4:8] > 0).all() and off.flow.rows.tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
 def test_no_vae_image_no_flow(model):
     batch = pack([[Segment(Kind.TEXT, Step.PLAN, text_ids=[10, 11, 12], loss=True)]], pack_config_for(model.cfg))
     out = model(batch)

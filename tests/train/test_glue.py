@@ -158,6 +158,42 @@ def test_total_backpropagates_into_the_adapters(module, item):
     module.zero_grad(set_to_none=True)
 
 
+def test_region_noise_refine_loss_is_the_flagged_tokens_mean(module, item):
+    """model.region_noise: the refinement's flow loss is the mean over its flagged token only (the rest is held
+    at the draft), the draft's loss is unchanged, and the total still backpropagates."""
+    from ftkit.train import losses as Ls
+
+    module.hparams.region_noise = True
+    try:
+        total, logs = module.compute_losses(item)
+        out = module.model(item.batch, **dict(zip(("vae_posterior_eps", "flow_noise"), module._draws(item))),
+                           timestep_shift=module.hparams.timestep_shift, attn_impl="sdpa", region_noise=True)
+    finally:
+        module.hparams.region_noise = False
+    keep = out.extras["mse_keep"]
+    steps = item.batch.mse_step[keep]
+    assert int((steps == int(Step.REFINE)).sum()) == 1 and int((item.batch.mse_step == int(Step.REFINE)).sum()) == 4
+    per_tok = Ls.flow_mse_per_token(out.velocity_pred, out.velocity_target)
+    torch.testing.assert_close(logs["mse/refine"], per_tok[steps == int(Step.REFINE)].mean())
+    _, logs_off = module.compute_losses(item)
+    torch.testing.assert_close(logs["mse/draft"], logs_off["mse/draft"])
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.model.named_parameters() if "lora_" in n)
+    module.zero_grad(set_to_none=True)
+
+
+def test_adapter_records_the_inpaint_mode_it_was_trained_for(module, fixture_dir, tmp_path):
+    """``--inpaint auto`` reads ``region_noise`` from the adapter folder (AdapterExport writes it)."""
+    from ftkit.adapters.io import save_adapter
+    from ftkit.infer.load import adapter_inpaint
+
+    for flag, want in ((True, "clean"), (False, "path")):
+        save_adapter(module.model, None, tmp_path / want, base_path=str(fixture_dir), extra={"region_noise": flag})
+        assert adapter_inpaint(tmp_path / want) == want
+    save_adapter(module.model, None, tmp_path / "older", base_path=str(fixture_dir))  # written before the flag
+    assert adapter_inpaint(tmp_path / "older") == "path"
+
+
 # ------------------------------------------------------------------------------------- validator
 
 
