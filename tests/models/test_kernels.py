@@ -46,6 +46,27 @@ def _batch(cfg, device):
     return b.to(device), noise.to(device), [e.to(device) for e in eps]
 
 
+@pytest.mark.parametrize("rows,chunk", [(37, 1024), (40, 16), (45, 20)])
+def test_linear_cross_entropy_row_padding_is_invisible(rows, chunk):
+    """Chunks whose row count is not a multiple of CE_ROW_ALIGN are padded with ignored zero rows: the losses
+    and the gradients of hidden and weight equal the plain full-logits cross-entropy."""
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 24, generator=g, requires_grad=True)
+    w = torch.randn(50, 24, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (rows,), generator=g)
+    y[3] = -100
+    got = kernels.linear_cross_entropy(h, w, y, chunk_size=chunk)
+    assert got.shape == (rows,) and got[3] == 0
+    (got * torch.arange(rows)).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want = F.cross_entropy(h @ w.t(), y, reduction="none")
+    (want * torch.arange(rows)).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not kernels.liger_available(), reason="needs CUDA and liger-kernel")
 def test_liger_matches_torch_on_cuda():
