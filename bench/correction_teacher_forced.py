@@ -24,7 +24,7 @@ from ftkit.adapters.attach import adapters_merged
 from ftkit.data.geneval import judge_image
 from ftkit.data.schema import DraftStep, PlanStep, RefineStep, ReflectStep, StepRecord
 from ftkit.data.serialize import serialize_plan, serialize_reflection
-from ftkit.infer.ablation import region_token_mask
+from ftkit.infer.ablation import flagged_tokens
 from ftkit.infer.context import GuidanceContexts, image_to_tensor
 from ftkit.infer.load import adapter_inpaint, load_for_inference
 from ftkit.infer.mcot import SamplerSettings, default_vit_hw
@@ -73,8 +73,7 @@ def main() -> int:
                 g.add_image(image, vae_hw=hw, vit_hw=vit_hw, generator=gen)
                 g.add_generated_text(enc(serialize_reflection(refl)))
                 z = model.patchify(g.cond.vae_latent(image_to_tensor(image, hw), "mean").float())
-                mask = (region_token_mask([x.box for x in refl.regions], grid) if refl.regions
-                        else torch.ones(grid[0] * grid[1], dtype=torch.bool))
+                mask = flagged_tokens(refl, grid)
                 gcs.append(g)
                 keep.append((z, mask))
                 eps.append(torch.randn(z.shape, generator=gen))

@@ -125,6 +125,14 @@ def region_token_mask(boxes: Sequence[Sequence[int]], grid: tuple[int, int]) -> 
     return m.flatten()
 
 
+def flagged_tokens(refl: ReflectStep | None, grid: tuple[int, int]) -> torch.Tensor:
+    """Latent tokens a correction redraws (``[h*w]`` bool): under the reflection's regions, all of them when it
+    names none (or did not parse)."""
+    if refl is not None and refl.regions:
+        return region_token_mask([g.box for g in refl.regions], grid)
+    return torch.ones(grid[0] * grid[1], dtype=torch.bool)
+
+
 def _box_mask(boxes, hw: tuple[int, int]) -> np.ndarray:
     """Pixel mask of an ``hw`` image covered by boxes ``[x0, y0, x1, y1]`` in [0, 1000]."""
     m = np.zeros(hw, dtype=bool)
@@ -247,12 +255,6 @@ class _Ablation:
             out.append(_Said(ids, txt, r, "revise" if r is None else r.verdict))
         return out
 
-    def flagged_tokens(self, refl: ReflectStep | None) -> torch.Tensor:
-        """Latent tokens a correction redraws: under the reflection's regions, all of them when it names none."""
-        if refl is not None and refl.regions:
-            return region_token_mask([g.box for g in refl.regions], self.grid)
-        return torch.ones(self.N, dtype=torch.bool)
-
     # ---------------------------------------------------------------- stages
     def base(self, bt: _Batch) -> None:
         with self.clock("base"):
@@ -311,7 +313,7 @@ class _Ablation:
         bt.said = self.reflections(bt.gcs_p)
         for k in bt.revised:
             bt.gcs_p[k].add_generated_text(bt.said[k].ids)
-            bt.masks[k] = self.flagged_tokens(bt.said[k].parsed)
+            bt.masks[k] = flagged_tokens(bt.said[k].parsed, self.grid)
 
     def correct(self, bt: _Batch, inpaint: bool) -> list:
         """The final image per prompt: the draft where the verdict is ``ok``, else its correction from ``eps2``
@@ -342,7 +344,7 @@ class _Ablation:
                         bt.judged_ok.add(k)
                     else:
                         bt.gcs_p[k].add_generated_text(s.ids)
-                        again[k] = self.flagged_tokens(s.parsed)
+                        again[k] = flagged_tokens(s.parsed, self.grid)
             if not again:
                 break
             with self.clock(stage):
@@ -370,7 +372,7 @@ class _Ablation:
             c = bt.oracle[k]
             step = _reflection_from({"verdict": "revise", "critique": c.critique, "regions": c.regions})
             g.add_generated_text(self.tx.encode(serialize_reflection(step)))
-            bt.oracle_masks[k] = self.flagged_tokens(step)
+            bt.oracle_masks[k] = flagged_tokens(step, self.grid)
         _, fixed = self.sample(gcs, [bt.eps2[k] for k in rev], [(bt.lat_d[k], bt.oracle_masks[k]) for k in rev])
         for k, im in zip(rev, fixed):
             final[k] = im
@@ -734,4 +736,5 @@ def ablation_markdown(res: dict) -> str:
 
 
 __all__ = ["ABLATION_MODES", "ABLATION_N", "ABLATION_SEED", "ALL_ABLATION_MODES", "DIFFERENCES", "PLAN_GUIDANCE_SCALE",
-           "ablation_markdown", "ablation_records", "paired_bootstrap", "region_token_mask", "run_ablation"]
+           "ablation_markdown", "ablation_records", "flagged_tokens", "paired_bootstrap", "region_token_mask",
+           "run_ablation"]

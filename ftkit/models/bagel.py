@@ -291,8 +291,8 @@ class BagelModel(nn.Module):
         if batch.mse_indexes.numel():
             row_of = torch.full((batch.sequence_length,), -1, dtype=torch.long, device=dev)
             row_of[batch.vae_token_indexes.to(dev)] = torch.arange(batch.vae_token_indexes.numel(), device=dev)
-            rows = row_of[batch.mse_indexes.to(dev)]
             mse_idx = batch.mse_indexes.to(dev)
+            rows = row_of[mse_idx]
             if region_noise:  # tokens held clean (timestep 0) have no velocity to learn
                 keep = ex["packed_timesteps"][rows] > 0
                 rows, mse_idx = rows[keep], mse_idx[keep]

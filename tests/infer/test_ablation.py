@@ -10,9 +10,11 @@ import torch
 
 from ftkit.adapters.attach import adapters_disabled, attach_adapters
 from ftkit.adapters.config import AdapterConfig
+from ftkit.data.schema import ReflectStep, Region
 from ftkit.infer.ablation import (
     ALL_ABLATION_MODES,
     ablation_records,
+    flagged_tokens,
     paired_bootstrap,
     region_token_mask,
     run_ablation,
@@ -102,6 +104,10 @@ def test_region_token_mask():
     assert m[0, 0] and m[3, 3] and int(m.sum()) == 2
     assert region_token_mask([[240, 0, 260, 10]], (4, 4)).reshape(4, 4)[0, :2].all()  # overlap counts
     assert not region_token_mask([], (4, 4)).any()
+    # a correction redraws under the reflection's regions, everything when it names none or did not parse
+    refl = ReflectStep("revise", "x", [Region((0, 0, 250, 250), "red circle", "color")])
+    assert torch.equal(flagged_tokens(refl, (4, 4)), region_token_mask([[0, 0, 250, 250]], (4, 4)))
+    assert flagged_tokens(ReflectStep("revise", "x"), (4, 4)).all() and flagged_tokens(None, (2, 3)).shape == (6,)
 
 
 def test_batched_equals_unbatched(mt):
