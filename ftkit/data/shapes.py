@@ -23,10 +23,11 @@ per object), a draft, a reflection and, where the draft is wrong, a refinement:
   ``color`` (one object has another colour: colors, color_attr), ``missing`` (one object is absent:
   every tag except counting), ``count`` (fewer objects than asked: counting), ``extra`` (one or two
   more objects than asked: counting, the only tag whose metadata has an ``exclude``), ``position``
-  (the relation is the opposite one: position), ``attribute`` (the two colours are swapped:
-  color_attr). The reflection names every violation with its region (``kind`` = ``missing`` |
-  ``count`` | ``color`` | ``position`` | ``attribute``) and the refinement (``mode: regenerate``)
-  is the planned scene.
+  (the subject moved to the opposite relation, the target kept in place where that leaves room: position), ``attribute`` (the
+  two colours are swapped: color_attr). The reflection names every violation with its region (``kind`` =
+  ``missing`` | ``count`` | ``color`` | ``position`` | ``attribute``; a position error names each moved
+  object where it is and where it belongs: the subject, and the target too where it had to move) and the refinement (``mode: regenerate``) is the planned scene, which
+  differs from the draft only inside the regions.
 * ``partial`` (process-driven generation, tags with two or more objects): the draft shows the first
   ``k`` planned objects only (``partial: true``); the reflection names the rest (kind ``missing``)
   and the refinement (``mode: inpaint``: nothing outside those regions changes) adds them.
@@ -237,6 +238,20 @@ def _place_pair(
         s = replace(subject, x=pos[1][0], y=pos[1][1])
         if _relation_holds(s, t, rel):
             return t, s
+    return None
+
+
+def _place_subject(
+    rng: np.random.Generator, target: Shape, subject: Shape, rel: str, size: int, tries: int = 200
+) -> Shape | None:
+    """``subject`` moved so that it is ``rel`` the fixed ``target`` with a clear margin (``None``: no room)."""
+    for _ in range(tries):
+        pos = _place(rng, [subject.d], size, taken=[target], tries=1)
+        if pos is None:
+            continue
+        s = replace(subject, x=pos[0][0], y=pos[0][1])
+        if _relation_holds(s, target, rel):
+            return s
     return None
 
 
@@ -465,19 +480,27 @@ def make_draft(rng: np.random.Generator, scene: Scene, kind: str) -> Draft | Non
             objs, kind, critique, [_region(a, objs[0], "attribute", S), _region(b, objs[1], "attribute", S)]
         )
 
-    # position: the opposite relation, same objects
+    # position: the subject moved to the opposite relation, the target where the scene has it; where the
+    # target leaves no room for that, both objects moved. Regions: each moved object where it is (to clear)
+    # and where it belongs (to draw), so that the refinement differs from the draft only inside them.
     target, subject = objs
     wrong_rel = OPPOSITE[scene.relation]
-    pair = _place_pair(rng, target, subject, wrong_rel, S)
-    if pair is None:
-        return None
-    t, s = pair
+    s = _place_subject(rng, target, subject, wrong_rel, S)
+    if s is not None:
+        t, moved = target, [(subject, s)]
+    else:
+        pair = _place_pair(rng, target, subject, wrong_rel, S)
+        if pair is None:
+            return None
+        t, s = pair
+        moved = [(subject, s), (target, t)]
     actual = sorted(relative_position(s.box_px(), t.box_px()))
     critique = (
         f"The {s.cls} is {' and '.join(actual)} the {t.cls} but the prompt asks for it to be "
         f"{scene.relation} the {t.cls}."
     )
-    return Draft([t, s], kind, critique, [_region(subject, s, "position", S)])
+    regions = [_region(want, box, "position", S) for want, now in moved for box in (now, want)]
+    return Draft([t, s], kind, critique, regions)
 
 
 # ------------------------------------------------------------------------------------------ records

@@ -376,3 +376,28 @@ def test_noise_is_not_a_scene():
         assert det.detect(noise) == []
         ok, reason = evaluate_image(noise, {"tag": "single_object", "include": [{"class": "cross", "count": 1}]})
         assert not ok and "found 0" in reason
+
+
+def test_refinement_differs_from_draft_only_inside_the_regions(shapes_set):
+    """A correction that inpaints the reflection's regions can reach the refinement exactly: every typed error
+    changes only pixels under its regions (a position error's: each moved object where it is and belongs)."""
+    root, recs, _ = shapes_set
+    seen = Counter()
+    for r in recs:
+        if r["meta"]["error"] is None:
+            continue
+        reflect = r["steps"][2]
+        draft = np.asarray(_image(root, r, "draft")).astype(int)
+        refine = np.asarray(_image(root, r, "refine")).astype(int)
+        inside = np.zeros(draft.shape[:2], bool)
+        for g in reflect["regions"]:
+            x0, y0, x1, y1 = (int(round(c * 64 / 1000)) for c in g["box"])
+            inside[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True  # 1 px for the 0..1000 rounding
+        changed = (draft != refine).any(-1)
+        assert changed.any(), r["id"]
+        assert not (changed & ~inside).any(), (r["id"], r["meta"]["error"], int((changed & ~inside).sum()))
+        if r["meta"]["error"] == "position":  # the subject where it is and where it belongs (+ the target's)
+            labels = [g["label"] for g in reflect["regions"]]
+            assert len(labels) in (2, 4) and labels[0] == labels[1] and labels[-1] == labels[-2], labels
+        seen[r["meta"]["error"]] += 1
+    assert set(seen) == set(shapes.ERRORS) | {"partial"}
