@@ -171,7 +171,8 @@ class MCoTDataModule(L.LightningDataModule):
             true``: a third of it plan & act; ``correct: true``: wrong drafts' judging records also carry the
             correction); with
             ``tasks: [plan-act, reflect, correct, mcot]`` each record as FoX's separate tasks
-            (:mod:`ftkit.data.tasks`).
+            (:mod:`ftkit.data.tasks`); ``error_rate`` / ``partial_rate``: the shares of wrong and partial
+            drafts (default 0.7 / 0.15, :func:`ftkit.data.shapes.generate`).
     """
 
     def __init__(
@@ -232,7 +233,8 @@ class MCoTDataModule(L.LightningDataModule):
 
             log.info("generating shapes-world data at %s (n=%d, seed=%d)", gs["out"], gs["n"], gs.get("seed", 0))
             generate(gs["out"], gs["n"], seed=gs.get("seed", 0), size=gs.get("size", 64), progress=False,
-                     tasks=gs.get("tasks"))
+                     tasks=gs.get("tasks"), error_rate=gs.get("error_rate", 0.7),
+                     partial_rate=gs.get("partial_rate", 0.15))
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:

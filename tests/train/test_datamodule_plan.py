@@ -142,3 +142,19 @@ def test_dataloader_workers_interleave(dm, rank, world, start):
     got = [_fingerprint(x) for x in itertools.islice(iter(loader), 6)]
     assert [f["index"] for f in got] == want_idx
     assert all(_same(a, b) for a, b in zip(got, single))
+
+
+# ------------------------------------------------------------------------------------ generate_shapes
+
+
+def test_generate_shapes_passes_the_draft_rates(tmp_path):
+    """A recipe's ``generate_shapes`` sets the shares of wrong / partial drafts of the set it generates."""
+    import json
+
+    for name, rates, want_ok in (("all-ok", {"error_rate": 0.0, "partial_rate": 0.0}, True), ("default", {}, False)):
+        out = tmp_path / name
+        MCoTDataModule(datasets=[str(out / "records.jsonl")],
+                       generate_shapes={"out": str(out), "n": 24, "seed": 0, **rates}).prepare_data()
+        errors = [json.loads(line)["meta"]["error"] for line in (out / "records.jsonl").read_text().splitlines()]
+        assert len(errors) == 24
+        assert all(e is None for e in errors) == want_ok, errors
