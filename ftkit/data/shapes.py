@@ -23,11 +23,12 @@ per object), a draft, a reflection and, where the draft is wrong, a refinement:
   ``color`` (one object has another colour: colors, color_attr), ``missing`` (one object is absent:
   every tag except counting), ``count`` (fewer objects than asked: counting), ``extra`` (one or two
   more objects than asked: counting, the only tag whose metadata has an ``exclude``), ``position``
-  (the subject moved to the opposite relation, the target kept in place where that leaves room: position), ``attribute`` (the
-  two colours are swapped: color_attr). The reflection names every violation with its region (``kind`` =
-  ``missing`` | ``count`` | ``color`` | ``position`` | ``attribute``; a position error names each moved
-  object where it is and where it belongs: the subject, and the target too where it had to move) and the refinement (``mode: regenerate``) is the planned scene, which
-  differs from the draft only inside the regions.
+  (the subject moved to the opposite relation, the target kept in place where that leaves room:
+  position), ``attribute`` (the two colours are swapped: color_attr). The reflection names every
+  violation with its region (``kind`` = ``missing`` | ``count`` | ``color`` | ``position`` |
+  ``attribute``; a position error names each moved object where it is and where it belongs: the
+  subject, and the target too where it had to move) and the refinement (``mode: regenerate``) is the
+  planned scene, which differs from the draft only inside the regions.
 * ``partial`` (process-driven generation, tags with two or more objects): the draft shows the first
   ``k`` planned objects only (``partial: true``); the reflection names the rest (kind ``missing``)
   and the refinement (``mode: inpaint``: nothing outside those regions changes) adds them.

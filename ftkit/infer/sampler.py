@@ -255,14 +255,19 @@ def generate_images(
     plan_rows = [j for j in range(B) if uncond_plans[j] is not None] if cfg_plan_scale is not None else []
     all_ctxs = list(conds) + uncond_texts + [uncond_imgs[j] for j in img_rows] + [uncond_plans[j] for j in plan_rows]
     merged: dict = {}  # caches concatenated once per branch set (and pack chunk), reused every step
+
+    def branch_rows(per_image: list, guided: bool) -> list:
+        """A per-image list laid out as the rows of ``all_ctxs`` (guided) or ``conds`` (not guided)."""
+        if not guided:
+            return list(per_image)
+        return per_image + per_image + [per_image[j] for j in img_rows] + [per_image[j] for j in plan_rows]
+
     for i in range(num_timesteps - 1):
         t, dt = ts[i], ts[i] - ts[i + 1]
         guided = cfg_text_scale > 1.0 and lo < float(t) <= hi
         ctxs = all_ctxs if guided else list(conds)
-        xq = xs + xs + [xs[j] for j in img_rows] + [xs[j] for j in plan_rows] if guided else list(xs)
-
-        hq = ((held + held + [held[j] for j in img_rows] + [held[j] for j in plan_rows] if guided else list(held))
-              if held else [None] * len(ctxs))  # the held tokens of each branch row of xq
+        xq = branch_rows(xs, guided)
+        hq = branch_rows(held, guided) if held else [None] * len(ctxs)  # the held tokens of each row of xq
         if packed is True or packed is False:
             if packed and guided not in merged:
                 merged[guided] = merge_caches([c.cache for c in ctxs])
