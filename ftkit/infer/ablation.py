@@ -52,7 +52,9 @@ from ftkit.infer.mcot import (
     _image_cell,
     _reflection_from,
     _Text,
+    acted_verdict,
     default_vit_hw,
+    revise_probability,
 )
 from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
 from ftkit.infer.selfcritique import shapes_judge
@@ -148,13 +150,15 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class _Said(NamedTuple):
-    """One decoded reflection: its token ids, text, the parsed reflection (``None`` when it does not parse)
-    and the verdict acted on (an unparseable reflection counts as ``revise``: the loop must do something)."""
+    """One decoded reflection: its token ids, text, the parsed reflection (``None`` when it does not parse),
+    the verdict acted on (:func:`~ftkit.infer.mcot.acted_verdict`: an unparseable reflection counts as
+    ``revise``, the loop must do something) and the model's probability of ``revise`` at the verdict token."""
 
     ids: list[int]
     text: str
     parsed: ReflectStep | None
     verdict: str
+    p_revise: float | None
 
 
 class _Batch:
@@ -247,12 +251,15 @@ class _Ablation:
 
     def reflections(self, gcs) -> list[_Said]:
         out = []
-        for ids, txt in self.decode(gcs, self.ts.max_reflect_tokens):
+        for g in generate_texts([c.cond for c in gcs], self.ts.max_reflect_tokens, return_logits=True):
+            ids = self.tx.clean(g.new_ids)
+            txt = self.tx.decode(ids)
             try:
                 r = parse_reflection(txt)
             except ParseError:
                 r = None
-            out.append(_Said(ids, txt, r, "revise" if r is None else r.verdict))
+            p = revise_probability(g, self.tx)
+            out.append(_Said(ids, txt, r, acted_verdict(r, p, self.ts.revise_threshold), p))
         return out
 
     # ---------------------------------------------------------------- stages
@@ -431,6 +438,7 @@ class _Ablation:
                 v = bt.verified.get(k, "ok")  # absent: the rounds loop already judged the correction ok
                 row["verify"] = {"verdict": v, "kept": "correction" if v == "ok" else "draft"}
             row["reflection"] = {"text": s.text, "parsed": s.parsed is not None, "verdict": s.verdict,
+                                 "p_revise": s.p_revise,
                                  "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                  "corrected": s.verdict != "ok",
                                  "inpainted_tokens": int(bt.masks[k].sum()) if k in bt.masks else 0}
@@ -549,6 +557,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     diffs = {f"{a} - {b}": paired_bootstrap(passes[a], passes[b], tags, n_boot, seed)
              for a, b in DIFFERENCES if a in modes and b in modes}
     reflection = _reflection_quality(rows, modes) if "reflect" in need else None
+    if reflection is not None and "mcot" in modes and rounds == 2:
+        reflection["threshold_sweep"] = threshold_sweep(rows, run.ts.revise_threshold)
     if "mcot-oracle" in modes:  # what the correction repairs when the critic is right
         sent = [r for r in rows if r["oracle"]["verdict"] == "revise"]
         oracle = {"failed_drafts": len(sent), "fixed": sum(1 for r in sent if r["mcot-oracle"]["passed"]),
@@ -567,7 +577,8 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
                      "merged_adapters": bool(adapted and merge_adapters),
                      "sampler": {**run.skw, "cfg_interval": list(run.skw["cfg_interval"]),
                                  **({"cfg_plan_scale": run.plan_scale} if "plan-guided" in modes else {})},
-                     "text": {"max_plan_tokens": run.ts.max_plan_tokens, "max_reflect_tokens": run.ts.max_reflect_tokens},
+                     "text": {"max_plan_tokens": run.ts.max_plan_tokens, "max_reflect_tokens": run.ts.max_reflect_tokens,
+                              "revise_threshold": run.ts.revise_threshold},
                      "rounds": rounds},
         "detector": type(detector if detector is not None else default_detector()).__name__,
         "prompts": rows,
@@ -577,6 +588,33 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         for name, body in (("ablation.json", json.dumps(res, indent=2)), ("ablation.md", ablation_markdown(res))):
             atomic_write(out / name, body.encode())
     return res
+
+
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+def threshold_sweep(rows: Sequence[dict], run_threshold: float,
+                    thresholds: Sequence[float] = SWEEP_THRESHOLDS) -> list[dict]:
+    """What ``mcot`` (one correction) would have scored overall with each higher ``revise_threshold``, from
+    this run's rows: a prompt corrected here keeps its correction only when its ``p_revise`` exceeds the
+    threshold (an unparsed reflection is corrected always), else its draft (the ``plan-act`` image). Exact
+    for thresholds >= the run's: raising the threshold only returns corrected prompts to their drafts. Meant
+    for calibrating the threshold on development prompts, then evaluating it once on held-out ones."""
+    tags = [r["tag"] for r in rows]
+    truth = [r["reflection"]["truth"] == "revise" for r in rows]
+    parsed = [r["reflection"]["parsed"] for r in rows]
+    draft = category_scores(_by_tag([r["plan-act"]["passed"] for r in rows], tags))["overall"]
+    out = []
+    for t in (t for t in thresholds if t >= run_threshold):
+        sent = [x["corrected"] and (not x["parsed"] or x["p_revise"] is None or x["p_revise"] > t)
+                for x in (r["reflection"] for r in rows)]
+        ok = [r["mcot"]["passed"] if c else r["plan-act"]["passed"] for r, c in zip(rows, sent)]
+        out.append({"threshold": t, "mcot": category_scores(_by_tag(ok, tags))["overall"], "plan-act": draft,
+                    "corrected": sum(sent),
+                    "fixed": sum(1 for r, c, f in zip(rows, sent, truth) if c and f and r["mcot"]["passed"]),
+                    "broken": sum(1 for r, c, f in zip(rows, sent, truth) if c and not f and not r["mcot"]["passed"]),
+                    "verdict_accuracy": float(np.mean([p and c == f for p, c, f in zip(parsed, sent, truth)]))})
+    return out
 
 
 def _reflection_quality(rows: Sequence[dict], modes: Sequence[str]) -> dict:
@@ -719,6 +757,14 @@ def ablation_markdown(res: dict) -> str:
         for m, c in r.get("correction", {}).items():
             lines.append(f"- {m}: fixed {c['fixed']} of the {c['failed_drafts']} failed drafts corrected, broke "
                          f"{c['broken']} of the {c['passing_drafts']} passing ones")
+        if r.get("threshold_sweep"):
+            lines += ["", "mcot had `revise` needed p(revise) above a threshold (from this run's rows; calibrate on "
+                      "development prompts, not on the reported ones):", "",
+                      "| threshold | mcot | mcot - plan-act | corrected | fixed | broken | verdict accuracy |",
+                      "|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {w['threshold']:.2f} | {w['mcot']:.3f} | {w['mcot'] - w['plan-act']:+.3f} | {w['corrected']} "
+                      f"| {w['fixed']} | {w['broken']} | {w['verdict_accuracy']:.3f} |" for w in r["threshold_sweep"]]
+            lines.append("")
         if "verify_kept" in r:
             lines.append(f"- mcot-verify kept the correction for {r['verify_kept']['correction']} prompt(s), the "
                          f"draft for {r['verify_kept']['draft']} (its reflection on the correction said `revise`)")
@@ -737,4 +783,4 @@ def ablation_markdown(res: dict) -> str:
 
 __all__ = ["ABLATION_MODES", "ABLATION_N", "ABLATION_SEED", "ALL_ABLATION_MODES", "DIFFERENCES", "PLAN_GUIDANCE_SCALE",
            "ablation_markdown", "ablation_records", "flagged_tokens", "paired_bootstrap", "region_token_mask",
-           "run_ablation"]
+           "run_ablation", "threshold_sweep"]

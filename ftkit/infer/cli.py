@@ -70,6 +70,10 @@ def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: i
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
     g.add_argument("--max-new-tokens", type=int, default=tokens,
                    help=f"most tokens per plan / reflection (default {tokens}; greedy decoding)")
+    g.add_argument("--revise-threshold", type=float, default=0.5, metavar="P",
+                   help="act on a reflection's `revise` only when the model's p(revise) / (p(revise) + p(ok)) at the "
+                        "verdict token exceeds P, in [0.5, 1) (default 0.5: the decoded verdict); calibrate it on "
+                        "development prompts with the ablation's threshold sweep")
 
 
 def _settings(a: argparse.Namespace):
@@ -89,6 +93,8 @@ def _settings(a: argparse.Namespace):
         raise ValueError(f"--steps must be >= 1, got {a.steps}")
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not 0.5 <= a.revise_threshold < 1.0:
+        raise ValueError(f"--revise-threshold must be in [0.5, 1), got {a.revise_threshold}")
     lo, hi = a.cfg_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--cfg-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
@@ -100,7 +106,8 @@ def _settings(a: argparse.Namespace):
     sampler = SamplerSettings(num_timesteps=a.steps, timestep_shift=a.shift, cfg_text_scale=a.cfg_text,
                               cfg_img_scale=a.cfg_img, cfg_interval=(lo, hi), cfg_renorm_type=a.cfg_renorm,
                               cfg_plan_scale=a.cfg_plan, inpaint=inpaint)
-    text = TextSettings(max_plan_tokens=a.max_new_tokens, max_reflect_tokens=a.max_new_tokens)
+    text = TextSettings(max_plan_tokens=a.max_new_tokens, max_reflect_tokens=a.max_new_tokens,
+                        revise_threshold=a.revise_threshold)
     return hw, sampler, text
 
 

@@ -10,7 +10,8 @@ The sequence the model reads is the one it is trained on (``ftkit/data/builder.p
 2. **draft**: sample an image conditioned on prompt + plan.
 3. **reflect**: the image goes into the context as a clean VAE copy and a ViT copy; decode a
    reflection, parsed with :func:`~ftkit.data.serialize.parse_reflection`. Verdict ``ok`` stops the
-   loop; unparseable text counts as ``revise``.
+   loop; unparseable text counts as ``revise``. With ``TextSettings.revise_threshold`` above 0.5 a
+   ``revise`` is acted on only when the model is that sure of it (:func:`revise_probability`).
 4. **refine**: sample the next image conditioned on everything so far; reflect again; up to
    ``rounds`` images.
 
@@ -25,6 +26,7 @@ last image (GoT's plan guidance; :mod:`ftkit.infer.sampler`).
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -35,10 +37,10 @@ from pathlib import Path
 import torch
 
 from ftkit.data.schema import Box, PlanStep, ReflectStep, Region
-from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
+from ftkit.data.serialize import ParseError, parse_plan, parse_reflection, serialize_reflection
 from ftkit.files import atomic_write
 from ftkit.infer.context import Context, GuidanceContexts
-from ftkit.infer.sampler import decode_image, generate_image, generate_text
+from ftkit.infer.sampler import GeneratedText, decode_image, generate_image, generate_text
 
 
 @dataclass
@@ -70,6 +72,14 @@ class TextSettings:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # a `revise` verdict is acted on only when p(revise) / (p(revise) + p(ok)) at the verdict token exceeds
+    # this; 0.5 = the decoded verdict. Correcting pays only when p * fix_rate > (1 - p) * break_rate, so
+    # a correction that breaks good drafts more often than it fixes bad ones needs a high threshold
+    revise_threshold: float = 0.5
+
+    def __post_init__(self):
+        if not 0.5 <= self.revise_threshold < 1.0:
+            raise ValueError(f"revise_threshold must be in [0.5, 1), got {self.revise_threshold}")
 
 
 @dataclass
@@ -77,7 +87,8 @@ class Round:
     """One generated image and the reflection on it.
 
     ``reflection`` is ``None`` when the text did not parse (``parse_error`` says why); ``verdict`` is
-    then ``"revise"``.
+    then ``"revise"``. ``verdict`` is the one acted on (:func:`acted_verdict`); ``p_revise`` the model's
+    probability of ``revise`` at the verdict token (:func:`revise_probability`).
     """
 
     image: object  # PIL.Image.Image
@@ -85,6 +96,7 @@ class Round:
     reflection: ReflectStep | None = None
     verdict: str = "revise"
     parse_error: str | None = None
+    p_revise: float | None = None
 
 
 @dataclass
@@ -123,7 +135,7 @@ class Trace:
                 img = image_paths[k]
             rounds.append({"image": img, "reflection_text": r.reflection_text,
                            "reflection": _reflection_dict(r.reflection), "verdict": r.verdict,
-                           "parse_error": r.parse_error})
+                           "p_revise": r.p_revise, "parse_error": r.parse_error})
         return {"prompt": self.prompt, "plan_text": self.plan_text, "plan": _plan_dict(self.plan),
                 "plan_parse_error": self.plan_parse_error, "rounds": rounds,
                 "final_round": len(self.rounds) - 1, "stopped_ok": self.stopped_ok, "settings": self.settings}
@@ -145,7 +157,7 @@ class Trace:
                 rounds.append(Round(image=_load_image(r.get("image"), base_dir, f"rounds[{k}].image"),
                                     reflection_text=r.get("reflection_text"),
                                     reflection=_reflection_from(r.get("reflection")), verdict=r["verdict"],
-                                    parse_error=r.get("parse_error")))
+                                    parse_error=r.get("parse_error"), p_revise=r.get("p_revise")))
             return cls(prompt=d["prompt"], plan_text=d.get("plan_text"), plan=_plan_from(d.get("plan")), rounds=rounds,
                        plan_parse_error=d.get("plan_parse_error"), settings=d.get("settings", {}))
         except (KeyError, TypeError) as e:
@@ -250,12 +262,44 @@ class _Text:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(self.clean(ids), skip_special_tokens=True)
 
+    @functools.cached_property
+    def verdict_fork(self) -> tuple[list[int], int, int]:
+        """``(prefix, ok_id, revise_id)``: the tokens a reflection shares before its verdict word, then the
+        first token where ``<verdict>ok`` and ``<verdict>revise`` differ."""
+        ok, rev = (self.encode(serialize_reflection(ReflectStep(verdict=v, critique=""))) for v in ("ok", "revise"))
+        j = next(i for i, (a, b) in enumerate(zip(ok, rev)) if a != b)
+        return ok[:j], ok[j], rev[j]
 
-def _decode(ctx: Context, text: _Text, max_tokens: int, ts: TextSettings, generator) -> tuple[list[int], str]:
+
+def revise_probability(gen: GeneratedText, text: _Text) -> float | None:
+    r"""How sure the model is of ``revise``: at the token where the reflection writes its verdict,
+    :math:`p(\text{revise}) / (p(\text{revise}) + p(\text{ok}))` from that step's logits (``gen`` decoded
+    with ``return_logits``). ``None`` when the decoded text does not start with the verdict tag."""
+    prefix, ok, rev = text.verdict_fork
+    new = gen.new_ids
+    if gen.logits is None or len(gen.logits) <= len(prefix) or new[:len(prefix)] != prefix:
+        return None
+    two = gen.logits[len(prefix)][[rev, ok]].float()
+    return float(torch.softmax(two, 0)[0])
+
+
+def acted_verdict(parsed: ReflectStep | None, p_revise: float | None, threshold: float) -> str:
+    """The verdict the loop acts on: the decoded one, except that a decoded ``revise`` whose ``p_revise`` is
+    at most ``threshold`` becomes ``ok`` (at 0.5 and greedy decoding nothing changes: a greedy ``revise`` has
+    ``p_revise > 0.5``). Unparseable text counts as ``revise``: the loop must do something."""
+    if parsed is None:
+        return "revise"
+    if parsed.verdict == "revise" and p_revise is not None and p_revise <= threshold:
+        return "ok"
+    return parsed.verdict
+
+
+def _decode(ctx: Context, text: _Text, max_tokens: int, ts: TextSettings, generator,
+            logits: bool = False) -> tuple[list[int], str, GeneratedText]:
     g = generate_text(ctx, max_tokens, do_sample=ts.do_sample, temperature=ts.temperature, top_p=ts.top_p,
-                      generator=generator)
+                      generator=generator, return_logits=logits)
     ids = text.clean(g.new_ids)
-    return ids, text.decode(ids)
+    return ids, text.decode(ids), g
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -301,7 +345,7 @@ def run_mcot(model, tokenizer, prompt: str, *, rounds: int = 2, image_hw: tuple[
 
     plan_text = plan_step = plan_err = None
     if plan:
-        ids, plan_text = _decode(gc.cond, tx, ts.max_plan_tokens, ts, generator)
+        ids, plan_text, _ = _decode(gc.cond, tx, ts.max_plan_tokens, ts, generator)
         try:
             plan_step = parse_plan(plan_text)
         except ParseError as e:
@@ -315,12 +359,13 @@ def run_mcot(model, tokenizer, prompt: str, *, rounds: int = 2, image_hw: tuple[
                              ctx_uncond_plan=gc.uncond_plan, **sampler.kwargs())
         image = decode_image(model, lat, tuple(image_hw))
         gc.add_image(image, **img_kw)
-        ids, refl_text = _decode(gc.cond, tx, ts.max_reflect_tokens, ts, generator)
+        ids, refl_text, g = _decode(gc.cond, tx, ts.max_reflect_tokens, ts, generator, logits=True)
+        p = revise_probability(g, tx)
         try:
             refl = parse_reflection(refl_text)
-            rnd = Round(image, refl_text, refl, refl.verdict)
+            rnd = Round(image, refl_text, refl, acted_verdict(refl, p, ts.revise_threshold), p_revise=p)
         except ParseError as e:
-            rnd = Round(image, refl_text, None, "revise", parse_error=str(e))
+            rnd = Round(image, refl_text, None, "revise", parse_error=str(e), p_revise=p)
         out.append(rnd)
         if rnd.verdict == "ok" or k == rounds - 1:
             break
@@ -411,5 +456,5 @@ def contact_sheet(trace: Trace, cell: int = 192):
     return sheet
 
 
-__all__ = ["Round", "SamplerSettings", "TextSettings", "Trace", "contact_sheet", "default_vit_hw", "run_mcot",
-           "text_to_image"]
+__all__ = ["Round", "SamplerSettings", "TextSettings", "Trace", "acted_verdict", "contact_sheet", "default_vit_hw",
+           "revise_probability", "run_mcot", "text_to_image"]

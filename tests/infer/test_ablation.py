@@ -3,6 +3,7 @@ inpainting keeps the latent outside the regions bit for bit; batched sampling an
 unbatched paths; every mode runs end to end and writes its JSON, Markdown and contact sheets."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -18,10 +19,19 @@ from ftkit.infer.ablation import (
     paired_bootstrap,
     region_token_mask,
     run_ablation,
+    threshold_sweep,
 )
 from ftkit.infer.context import GuidanceContexts
-from ftkit.infer.mcot import SamplerSettings, TextSettings, text_to_image
-from ftkit.infer.sampler import generate_images, generate_text, generate_texts, latent_grid
+from ftkit.infer.mcot import (
+    SamplerSettings,
+    TextSettings,
+    _Text,
+    acted_verdict,
+    revise_probability,
+    run_mcot,
+    text_to_image,
+)
+from ftkit.infer.sampler import GeneratedText, generate_images, generate_text, generate_texts, latent_grid
 from ftkit.models.bagel import timestep_schedule
 from ftkit.models.loading import load_bagel, load_tokenizer
 
@@ -348,3 +358,105 @@ def test_ablation_mcot_rounds(fixture_dir, tmp_path):
     assert ver["reflection"]["correction"]["mcot-verify"] == ver["reflection"]["correction"]["mcot"]
     with pytest.raises(ValueError, match="rounds"):
         run_ablation(model, tok, records, modes=("mcot", "mcot-regen"), rounds=3)
+
+
+class _ForkTokenizer(ScriptedTokenizer):
+    """Scripted texts, and an encoding in which a reflection's verdict word is its first token (the
+    ``<verdict>`` tag encodes to nothing), so ``p_revise`` is the random model's real probability of one of
+    two tokens at the reflection's first step; ``swap`` exchanges which of the two means ``revise``."""
+
+    def __init__(self, tok, texts, swap=False):
+        super().__init__(tok, texts)
+        self.swap = swap
+
+    def encode(self, text, add_special_tokens=False):
+        if text.startswith("<verdict>"):
+            word = text[len("<verdict>"):].split("<", 1)[0]
+            if self.swap:
+                word = {"ok": "revise", "revise": "ok"}[word]
+            return self.tok.encode(word, add_special_tokens=False)
+        return super().encode(text, add_special_tokens)
+
+
+def test_revise_threshold_gates_correction_and_the_sweep_predicts_it(fixture_dir, tmp_path):
+    """A decoded ``revise`` is acted on only above the threshold: a prompt under it keeps its draft bit for bit,
+    one above it gets the same correction as at 0.5; the sweep of the 0.5 run predicts the gated run."""
+    model, tok = load_bagel(fixture_dir, dtype=torch.float32), load_tokenizer(fixture_dir)
+    records, _ = ablation_records(6, seed=1011, size=32, cache_dir=tmp_path / "cache")
+    plans = ["a shape\n<box>circle [100,100,400,400]</box>"] * 6
+    refls = ["<verdict>revise</verdict>\n<region>missing circle [0,0,600,600]</region>"] * 6
+
+    def run(name, threshold, swap):
+        return run_ablation(model, _ForkTokenizer(tok, plans + refls, swap), records, modes=("plan-act", "mcot"),
+                            batch_size=6, image_hw=HW, sampler=SamplerSettings(num_timesteps=3),
+                            text=TextSettings(8, 8, revise_threshold=threshold), n_boot=20, progress=False,
+                            out_dir=tmp_path / name)
+
+    first = run("a", 0.5, False)
+    ps = [r["reflection"]["p_revise"] for r in first["prompts"]]
+    swap = sum(p > 0.5 for p in ps) < 3  # orient the pair so that most prompts are sent to correction at 0.5
+    at5 = run("b", 0.5, True) if swap else first
+    ps = [r["reflection"]["p_revise"] for r in at5["prompts"]]
+    assert all(isinstance(p, float) and 0 < p < 1 for p in ps) and len(set(ps)) == 6  # real, per-context
+    if swap:
+        assert [q["reflection"]["p_revise"] for q in first["prompts"]] == pytest.approx([1 - p for p in ps], abs=1e-5)
+    above = sorted(p for p in ps if p > 0.5)
+    assert len(above) >= 3
+    tau = (above[0] + above[1]) / 2  # sends all but the least sure of them
+    gated = run("c", tau, swap)
+    assert gated["settings"]["text"]["revise_threshold"] == tau
+
+    def img(name, r, m):
+        return np.asarray(_open(tmp_path / name / r[m]["image"]))
+
+    for r5, rg, p in zip(at5["prompts"], gated["prompts"], ps):
+        assert r5["reflection"]["corrected"] == (p > 0.5) and rg["reflection"]["corrected"] == (p > tau)
+        assert rg["reflection"]["verdict"] == ("revise" if p > tau else "ok")
+        assert np.array_equal(img("c", rg, "plan-act"), img("b" if swap else "a", r5, "plan-act"))
+        want = img("b" if swap else "a", r5, "mcot") if p > tau else img("c", rg, "plan-act")
+        assert np.array_equal(img("c", rg, "mcot"), want)
+    sweep = threshold_sweep(at5["prompts"], 0.5, [0.5, tau])
+    assert sweep[0]["corrected"] == sum(p > 0.5 for p in ps) == at5["reflection"]["corrected"]
+    assert sweep[1]["corrected"] == sum(p > tau for p in ps) == gated["reflection"]["corrected"] == len(above) - 1
+    assert sweep[1]["mcot"] == gated["scores"]["mcot"]["overall"]
+    assert sweep[1]["verdict_accuracy"] == pytest.approx(gated["reflection"]["verdict_accuracy"])
+    assert [w["threshold"] for w in at5["reflection"]["threshold_sweep"]][:2] == [0.5, 0.6]
+    assert "p(revise) above a threshold" in (tmp_path / ("b" if swap else "a") / "ablation.md").read_text()
+    with pytest.raises(ValueError, match="revise_threshold"):
+        TextSettings(revise_threshold=0.4)
+    # run_mcot acts on the same rule, and records p_revise in its trace
+    kw = dict(rounds=2, image_hw=HW, sampler=SamplerSettings(num_timesteps=3), posterior="mean")
+
+    def trace(threshold):
+        return run_mcot(model, _ForkTokenizer(tok, plans[:1] + refls[:2], swap), records[0]["prompt"],
+                        text=TextSettings(8, 8, revise_threshold=threshold), generator=torch.Generator().manual_seed(0),
+                        **kw)
+
+    t5 = trace(0.5)
+    p = t5.rounds[0].p_revise
+    assert len(t5.rounds) == (2 if p > 0.5 else 1) and t5.rounds[0].verdict == ("revise" if p > 0.5 else "ok")
+    high = trace(max(0.5, (p + 1) / 2))
+    assert high.rounds[0].p_revise == p and len(high.rounds) == 1 and high.rounds[0].verdict == "ok"
+    assert json.loads(high.to_json())["rounds"][0]["p_revise"] == p
+
+
+def test_revise_probability_reads_the_verdict_token(mt):
+    model, tok = mt
+    tx = _Text(model, tok)
+    prefix, ok, rev = tx.verdict_fork
+    for word, t in (("ok", ok), ("revise", rev)):  # the fork is where the two verdict words part
+        assert f"<verdict>{word}</verdict>".startswith(tok.decode(prefix + [t]))
+    logits = torch.zeros(len(prefix) + 2, model.language_model.lm_head.out_features)
+    logits[len(prefix), rev] = math.log(3.0)
+    logits[len(prefix), ok + 1 if ok + 1 != rev else ok + 2] = 50.0  # other tokens do not count
+    bos = model.cfg.bos_id
+    g = GeneratedText(ids=[bos, *prefix, rev, 7], logits=logits, stopped=False)
+    assert revise_probability(g, tx) == pytest.approx(0.75)
+    assert revise_probability(GeneratedText(ids=g.ids, logits=None, stopped=False), tx) is None
+    if prefix:  # text that does not start with the verdict tag has no verdict probability
+        wrong = GeneratedText(ids=[bos, prefix[0] + 1, *prefix[1:], rev, 7], logits=logits, stopped=False)
+        assert revise_probability(wrong, tx) is None
+    rv, okv = ReflectStep(verdict="revise"), ReflectStep(verdict="ok")
+    assert acted_verdict(rv, 0.75, 0.5) == "revise" and acted_verdict(rv, 0.75, 0.8) == "ok"
+    assert acted_verdict(rv, None, 0.9) == "revise" and acted_verdict(okv, 0.9, 0.5) == "ok"
+    assert acted_verdict(None, 0.1, 0.5) == "revise"  # unparseable: the loop must do something
