@@ -181,7 +181,7 @@ class _Batch:
         self.masks: dict[int, torch.Tensor] = {}  # prompt k -> latent tokens its first correction redraws
         self.used = [1] * len(idx)  # images per prompt in mode mcot, draft included
         self.judged_ok: set[int] = set()  # prompts whose last correction the model's reflection called `ok`
-        self.verified: dict[int, str] = {}  # prompt k -> the verdict on its last correction (mcot-verify)
+        self.verified: dict[int, _Said] = {}  # prompt k -> the reflection on its last correction (mcot-verify)
         self.oracle: list = []  # the evaluator's Critique of each draft (mcot-oracle)
         self.oracle_masks: dict[int, torch.Tensor] = {}  # prompt k -> latent tokens the oracle's correction redraws
 
@@ -394,7 +394,7 @@ class _Ablation:
         for k in todo:
             bt.gcs_p[k].add_image(final[k], vae_hw=self.hw, vit_hw=self.vit_hw, generator=bt.gens[k])
         for k, s in zip(todo, self.reflections([bt.gcs_p[k] for k in todo]) if todo else []):
-            bt.verified[k] = s.verdict
+            bt.verified[k] = s
             if s.verdict != "ok":
                 final[k] = bt.imgs["plan-act"][k]
         return final
@@ -435,8 +435,10 @@ class _Ablation:
             if "mcot" in modes:
                 row["mcot_images"] = bt.used[k]
             if "mcot-verify" in modes and s.verdict != "ok":  # which image the verification kept
-                v = bt.verified.get(k, "ok")  # absent: the rounds loop already judged the correction ok
-                row["verify"] = {"verdict": v, "kept": "correction" if v == "ok" else "draft"}
+                v = bt.verified.get(k)  # absent: the rounds loop already judged the correction ok
+                verdict = "ok" if v is None else v.verdict
+                row["verify"] = {"verdict": verdict, "p_revise": None if v is None else v.p_revise,
+                                 "kept": "correction" if verdict == "ok" else "draft"}
             row["reflection"] = {"text": s.text, "parsed": s.parsed is not None, "verdict": s.verdict,
                                  "p_revise": s.p_revise,
                                  "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
@@ -558,7 +560,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
              for a, b in DIFFERENCES if a in modes and b in modes}
     reflection = _reflection_quality(rows, modes) if "reflect" in need else None
     if reflection is not None and "mcot" in modes and rounds == 2:
-        reflection["threshold_sweep"] = threshold_sweep(rows, run.ts.revise_threshold)
+        reflection["threshold_sweep"] = threshold_sweep(rows, run.ts.revise_threshold, n_boot=n_boot, seed=seed)
     if "mcot-oracle" in modes:  # what the correction repairs when the critic is right
         sent = [r for r in rows if r["oracle"]["verdict"] == "revise"]
         oracle = {"failed_drafts": len(sent), "fixed": sum(1 for r in sent if r["mcot-oracle"]["passed"]),
@@ -593,13 +595,16 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
-def threshold_sweep(rows: Sequence[dict], run_threshold: float,
-                    thresholds: Sequence[float] = SWEEP_THRESHOLDS) -> list[dict]:
+def threshold_sweep(rows: Sequence[dict], run_threshold: float, thresholds: Sequence[float] = SWEEP_THRESHOLDS,
+                    n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """What ``mcot`` (one correction) would have scored overall with each higher ``revise_threshold``, from
     this run's rows: a prompt corrected here keeps its correction only when its ``p_revise`` exceeds the
     threshold (an unparsed reflection is corrected always), else its draft (the ``plan-act`` image). Exact
     for thresholds >= the run's: raising the threshold only returns corrected prompts to their drafts. Meant
-    for calibrating the threshold on development prompts, then evaluating it once on held-out ones."""
+    for calibrating the threshold on development prompts, then evaluating it once on held-out ones. Each
+    threshold's ``mcot - plan-act`` (and ``mcot - t2i-twice`` when the rows have it) is the overall paired
+    bootstrap of :func:`paired_bootstrap` with the run's ``n_boot`` and ``seed``: what a run at that threshold
+    would report."""
     tags = [r["tag"] for r in rows]
     truth = [r["reflection"]["truth"] == "revise" for r in rows]
     parsed = [r["reflection"]["parsed"] for r in rows]
@@ -609,7 +614,10 @@ def threshold_sweep(rows: Sequence[dict], run_threshold: float,
         sent = [x["corrected"] and (not x["parsed"] or x["p_revise"] is None or x["p_revise"] > t)
                 for x in (r["reflection"] for r in rows)]
         ok = [r["mcot"]["passed"] if c else r["plan-act"]["passed"] for r, c in zip(rows, sent)]
+        diffs = {f"mcot - {b}": paired_bootstrap(ok, [r[b]["passed"] for r in rows], tags, n_boot, seed)["overall"]
+                 for b in ("t2i-twice", "plan-act") if b in rows[0]}
         out.append({"threshold": t, "mcot": category_scores(_by_tag(ok, tags))["overall"], "plan-act": draft,
+                    "differences": diffs,
                     "corrected": sum(sent),
                     "fixed": sum(1 for r, c, f in zip(rows, sent, truth) if c and f and r["mcot"]["passed"]),
                     "broken": sum(1 for r, c, f in zip(rows, sent, truth) if c and not f and not r["mcot"]["passed"]),
@@ -758,12 +766,17 @@ def ablation_markdown(res: dict) -> str:
             lines.append(f"- {m}: fixed {c['fixed']} of the {c['failed_drafts']} failed drafts corrected, broke "
                          f"{c['broken']} of the {c['passing_drafts']} passing ones")
         if r.get("threshold_sweep"):
-            lines += ["", "mcot had `revise` needed p(revise) above a threshold (from this run's rows; calibrate on "
-                      "development prompts, not on the reported ones):", "",
-                      "| threshold | mcot | mcot - plan-act | corrected | fixed | broken | verdict accuracy |",
-                      "|---:|---:|---:|---:|---:|---:|---:|"]
-            lines += [f"| {w['threshold']:.2f} | {w['mcot']:.3f} | {w['mcot'] - w['plan-act']:+.3f} | {w['corrected']} "
-                      f"| {w['fixed']} | {w['broken']} | {w['verdict_accuracy']:.3f} |" for w in r["threshold_sweep"]]
+            sw = r["threshold_sweep"]
+            cols = list(sw[0]["differences"])
+            lines += ["", "mcot if a `revise` had needed p(revise) above a threshold (from this run's rows; calibrate "
+                      "on development prompts, not on the reported ones):", "",
+                      "| threshold | mcot | " + " | ".join(cols) + " | corrected | fixed | broken | verdict accuracy |",
+                      "|---:" * (len(cols) + 6) + "|"]
+            for w in sw:
+                d = " | ".join(f"{w['differences'][c]['diff']:+.3f} [{w['differences'][c]['lo']:+.3f}, "
+                               f"{w['differences'][c]['hi']:+.3f}]" for c in cols)
+                lines.append(f"| {w['threshold']:.2f} | {w['mcot']:.3f} | {d} | {w['corrected']} | {w['fixed']} | "
+                             f"{w['broken']} | {w['verdict_accuracy']:.3f} |")
             lines.append("")
         if "verify_kept" in r:
             lines.append(f"- mcot-verify kept the correction for {r['verify_kept']['correction']} prompt(s), the "

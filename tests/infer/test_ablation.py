@@ -415,10 +415,11 @@ def test_revise_threshold_gates_correction_and_the_sweep_predicts_it(fixture_dir
         assert np.array_equal(img("c", rg, "plan-act"), img("b" if swap else "a", r5, "plan-act"))
         want = img("b" if swap else "a", r5, "mcot") if p > tau else img("c", rg, "plan-act")
         assert np.array_equal(img("c", rg, "mcot"), want)
-    sweep = threshold_sweep(at5["prompts"], 0.5, [0.5, tau])
+    sweep = threshold_sweep(at5["prompts"], 0.5, [0.5, tau], n_boot=20)
     assert sweep[0]["corrected"] == sum(p > 0.5 for p in ps) == at5["reflection"]["corrected"]
     assert sweep[1]["corrected"] == sum(p > tau for p in ps) == gated["reflection"]["corrected"] == len(above) - 1
     assert sweep[1]["mcot"] == gated["scores"]["mcot"]["overall"]
+    assert sweep[1]["differences"] == {"mcot - plan-act": gated["differences"]["mcot - plan-act"]["overall"]}
     assert sweep[1]["verdict_accuracy"] == pytest.approx(gated["reflection"]["verdict_accuracy"])
     assert [w["threshold"] for w in at5["reflection"]["threshold_sweep"]][:2] == [0.5, 0.6]
     assert "p(revise) above a threshold" in (tmp_path / ("b" if swap else "a") / "ablation.md").read_text()
