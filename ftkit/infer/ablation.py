@@ -440,7 +440,7 @@ class _Ablation:
                 row["verify"] = {"verdict": verdict, "p_revise": None if v is None else v.p_revise,
                                  "kept": "correction" if verdict == "ok" else "draft"}
             row["reflection"] = {"text": s.text, "parsed": s.parsed is not None, "verdict": s.verdict,
-                                 "p_revise": s.p_revise,
+                                 "decoded": None if s.parsed is None else s.parsed.verdict, "p_revise": s.p_revise,
                                  "truth": "ok" if dj.passed else "revise", "regions": flagged, "iou": iou,
                                  "corrected": s.verdict != "ok",
                                  "inpainted_tokens": int(bt.masks[k].sum()) if k in bt.masks else 0}
@@ -637,6 +637,8 @@ def _reflection_quality(rows: Sequence[dict], modes: Sequence[str]) -> dict:
             for t in ("ok", "revise") for v in ("ok", "revise")}
     conf["unparsed"] = sum(1 for x in rr if not x["parsed"])
     out = {"verdict_accuracy": float(np.mean([x["parsed"] and x["truth"] == x["verdict"] for x in rr])),
+           # the model's own verdict, before the revise threshold turned unsure `revise`s into `ok`
+           "decoded_verdict_accuracy": float(np.mean([x["parsed"] and x["truth"] == x["decoded"] for x in rr])),
            "always_revise_accuracy": float(np.mean([x["truth"] == "revise" for x in rr])),
            "parsed": float(np.mean([x["parsed"] for x in rr])), "confusion": conf,
            "region_iou": float(np.mean(ious)) if ious else None, "region_iou_n": len(ious),
@@ -756,7 +758,9 @@ def ablation_markdown(res: dict) -> str:
         lines += ["Reflection on the mcot drafts (truth: the evaluator's verdict on the draft):", "",
                   f"- verdict accuracy {r['verdict_accuracy']:.3f} (an unparsed reflection counts as wrong; always "
                   f"`revise` would score {r['always_revise_accuracy']:.3f}); parsed {r['parsed']:.3f}; corrected "
-                  f"{r['corrected']} of {res['n']}",
+                  f"{r['corrected']} of {res['n']}" + (
+                      f"; the decoded verdicts, before the revise threshold {s['text']['revise_threshold']}: accuracy "
+                      f"{r['decoded_verdict_accuracy']:.3f}" if s["text"].get("revise_threshold", 0.5) > 0.5 else ""),
                   "- " + "; ".join(f"{k}: {v}" for k, v in r["confusion"].items()),
                   f"- IoU of flagged regions with the failed objects: {iou} (over {r['region_iou_n']} drafts)"]
         if "mcot_images_mean" in r:

@@ -421,6 +421,9 @@ def test_revise_threshold_gates_correction_and_the_sweep_predicts_it(fixture_dir
     assert sweep[1]["mcot"] == gated["scores"]["mcot"]["overall"]
     assert sweep[1]["differences"] == {"mcot - plan-act": gated["differences"]["mcot - plan-act"]["overall"]}
     assert sweep[1]["verdict_accuracy"] == pytest.approx(gated["reflection"]["verdict_accuracy"])
+    # noise fails every prompt: the decoded `revise` is always right, the gated one only where it was sure
+    assert gated["reflection"]["decoded_verdict_accuracy"] == 1.0 and {r["reflection"]["decoded"] for r in gated["prompts"]} == {"revise"}
+    assert gated["reflection"]["verdict_accuracy"] == pytest.approx((len(above) - 1) / 6)
     assert [w["threshold"] for w in at5["reflection"]["threshold_sweep"]][:2] == [0.5, 0.6]
     assert "p(revise) above a threshold" in (tmp_path / ("b" if swap else "a") / "ablation.md").read_text()
     with pytest.raises(ValueError, match="revise_threshold"):
