@@ -56,7 +56,7 @@ from ftkit.infer.mcot import (
     default_vit_hw,
     revise_probability,
 )
-from ftkit.infer.sampler import decode_image, generate_images, generate_texts, latent_grid
+from ftkit.infer.sampler import GeneratedText, decode_image, generate_images, generate_texts, latent_grid
 from ftkit.infer.selfcritique import shapes_judge
 
 ABLATION_MODES = ("base", "t2i", "t2i-twice", "plan-act", "mcot")
@@ -245,21 +245,20 @@ class _Ablation:
                               cfg_plan_scale=self.plan_scale if plan_guided else None, **self.skw)
         return lat, [decode_image(self.model, z, self.hw) for z in lat]
 
-    def decode(self, gcs, max_tokens: int) -> list[tuple[list[int], str]]:
-        outs = generate_texts([g.cond for g in gcs], max_tokens)
-        return [(ids, self.tx.decode(ids)) for ids in (self.tx.clean(o.new_ids) for o in outs)]
+    def decode(self, gcs, max_tokens: int, logits: bool | int = False) -> list[tuple[list[int], str, GeneratedText]]:
+        outs = generate_texts([g.cond for g in gcs], max_tokens, return_logits=logits)
+        return [(ids, self.tx.decode(ids), o) for ids, o in ((self.tx.clean(o.new_ids), o) for o in outs)]
 
     def reflections(self, gcs) -> list[_Said]:
         out = []
-        for g in generate_texts([c.cond for c in gcs], self.ts.max_reflect_tokens, return_logits=True):
-            ids = self.tx.clean(g.new_ids)
-            txt = self.tx.decode(ids)
+        for ids, txt, g in self.decode(gcs, self.ts.max_reflect_tokens, logits=self.tx.verdict_steps):
             try:
                 r = parse_reflection(txt)
             except ParseError:
                 r = None
             p = revise_probability(g, self.tx)
-            out.append(_Said(ids, txt, r, acted_verdict(r, p, self.ts.revise_threshold), p))
+            verdict = acted_verdict(None if r is None else r.verdict, p, self.ts.revise_threshold)
+            out.append(_Said(ids, txt, r, verdict, p))
         return out
 
     # ---------------------------------------------------------------- stages
@@ -307,7 +306,7 @@ class _Ablation:
 
     def plan(self, bt: _Batch) -> None:
         bt.gcs_p = self.user(bt.prompts)
-        for g, (ids, txt) in zip(bt.gcs_p, self.decode(bt.gcs_p, self.ts.max_plan_tokens)):
+        for g, (ids, txt, _) in zip(bt.gcs_p, self.decode(bt.gcs_p, self.ts.max_plan_tokens)):
             try:
                 pl = parse_plan(txt)
             except ParseError:
@@ -611,8 +610,7 @@ def threshold_sweep(rows: Sequence[dict], run_threshold: float, thresholds: Sequ
     draft = category_scores(_by_tag([r["plan-act"]["passed"] for r in rows], tags))["overall"]
     out = []
     for t in (t for t in thresholds if t >= run_threshold):
-        sent = [x["corrected"] and (not x["parsed"] or x["p_revise"] is None or x["p_revise"] > t)
-                for x in (r["reflection"] for r in rows)]
+        sent = [acted_verdict(x["decoded"], x["p_revise"], t) != "ok" for x in (r["reflection"] for r in rows)]
         ok = [r["mcot"]["passed"] if c else r["plan-act"]["passed"] for r, c in zip(rows, sent)]
         diffs = {f"mcot - {b}": paired_bootstrap(ok, [r[b]["passed"] for r in rows], tags, n_boot, seed)["overall"]
                  for b in ("t2i-twice", "plan-act") if b in rows[0]}

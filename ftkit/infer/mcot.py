@@ -270,32 +270,38 @@ class _Text:
         j = next(i for i, (a, b) in enumerate(zip(ok, rev)) if a != b)
         return ok[:j], ok[j], rev[j]
 
+    @property
+    def verdict_steps(self) -> int:
+        """Decoding steps up to and including the verdict token: the logits :func:`revise_probability` reads."""
+        return len(self.verdict_fork[0]) + 1
+
 
 def revise_probability(gen: GeneratedText, text: _Text) -> float | None:
     r"""How sure the model is of ``revise``: at the token where the reflection writes its verdict,
     :math:`p(\text{revise}) / (p(\text{revise}) + p(\text{ok}))` from that step's logits (``gen`` decoded
     with ``return_logits``). ``None`` when the decoded text does not start with the verdict tag."""
     prefix, ok, rev = text.verdict_fork
-    new = gen.new_ids
+    new = gen.new_ids  # decode with return_logits >= verdict_steps
     if gen.logits is None or len(gen.logits) <= len(prefix) or new[:len(prefix)] != prefix:
         return None
     two = gen.logits[len(prefix)][[rev, ok]].float()
     return float(torch.softmax(two, 0)[0])
 
 
-def acted_verdict(parsed: ReflectStep | None, p_revise: float | None, threshold: float) -> str:
-    """The verdict the loop acts on: the decoded one, except that a decoded ``revise`` whose ``p_revise`` is
-    at most ``threshold`` becomes ``ok`` (at 0.5 and greedy decoding nothing changes: a greedy ``revise`` has
-    ``p_revise > 0.5``). Unparseable text counts as ``revise``: the loop must do something."""
-    if parsed is None:
+def acted_verdict(decoded: str | None, p_revise: float | None, threshold: float) -> str:
+    """The verdict the loop acts on, from the decoded one (``None``: the reflection did not parse): a decoded
+    ``revise`` whose ``p_revise`` is at most ``threshold`` becomes ``ok`` (at 0.5 and greedy decoding nothing
+    changes: a greedy ``revise`` has ``p_revise > 0.5``). Unparseable text counts as ``revise``: the loop must
+    do something."""
+    if decoded is None:
         return "revise"
-    if parsed.verdict == "revise" and p_revise is not None and p_revise <= threshold:
+    if decoded == "revise" and p_revise is not None and p_revise <= threshold:
         return "ok"
-    return parsed.verdict
+    return decoded
 
 
 def _decode(ctx: Context, text: _Text, max_tokens: int, ts: TextSettings, generator,
-            logits: bool = False) -> tuple[list[int], str, GeneratedText]:
+            logits: bool | int = False) -> tuple[list[int], str, GeneratedText]:
     g = generate_text(ctx, max_tokens, do_sample=ts.do_sample, temperature=ts.temperature, top_p=ts.top_p,
                       generator=generator, return_logits=logits)
     ids = text.clean(g.new_ids)
@@ -359,11 +365,11 @@ def run_mcot(model, tokenizer, prompt: str, *, rounds: int = 2, image_hw: tuple[
                              ctx_uncond_plan=gc.uncond_plan, **sampler.kwargs())
         image = decode_image(model, lat, tuple(image_hw))
         gc.add_image(image, **img_kw)
-        ids, refl_text, g = _decode(gc.cond, tx, ts.max_reflect_tokens, ts, generator, logits=True)
+        ids, refl_text, g = _decode(gc.cond, tx, ts.max_reflect_tokens, ts, generator, logits=tx.verdict_steps)
         p = revise_probability(g, tx)
         try:
             refl = parse_reflection(refl_text)
-            rnd = Round(image, refl_text, refl, acted_verdict(refl, p, ts.revise_threshold), p_revise=p)
+            rnd = Round(image, refl_text, refl, acted_verdict(refl.verdict, p, ts.revise_threshold), p_revise=p)
         except ParseError as e:
             rnd = Round(image, refl_text, None, "revise", parse_error=str(e), p_revise=p)
         out.append(rnd)

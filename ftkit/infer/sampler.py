@@ -366,7 +366,8 @@ class GeneratedText:
 
     ``ids``: the start token then every generated token (the end token excluded), as upstream's
     ``generate_text`` returns; ``logits``: ``[steps, V]`` lm_head logits after feeding ``ids[k]``
-    (with ``return_logits``); ``stopped``: the end token was produced.
+    (with ``return_logits``: every step, or the first ``n`` when it is an int ``n``); ``stopped``: the end
+    token was produced.
     """
 
     ids: list[int]
@@ -389,6 +390,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def _logit_steps(return_logits: bool | int, max_new_tokens: int) -> int:
+    """How many steps' logits to keep: all (``True``), none (``False``) or the first ``n`` (an int ``n``: a
+    reader of one early token need not hold ``[steps, vocab]``, 150k wide for BAGEL)."""
+    if isinstance(return_logits, bool):
+        return max_new_tokens if return_logits else 0
+    if return_logits < 1:
+        raise ValueError(f"return_logits must be a bool or a step count >= 1, got {return_logits}")
+    return return_logits
+
+
 @torch.no_grad()
 def _check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
@@ -401,7 +412,7 @@ def _check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, to
 
 def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = False, temperature: float = 1.0,
                   top_p: float = 1.0, generator: torch.Generator | None = None, start_id: int | None = None,
-                  end_id: int | None = None, return_logits: bool = False) -> GeneratedText:
+                  end_id: int | None = None, return_logits: bool | int = False) -> GeneratedText:
     """Decode text after ``ctx`` (which is not modified): feed ``<|im_start|>`` at the next position,
     then greedily (or sampled with ``temperature`` / nucleus ``top_p``) one token per step until
     ``<|im_end|>`` is produced or ``max_new_tokens`` tokens were produced. Linguistic expert, causal
@@ -411,6 +422,7 @@ def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = 
         ValueError: ``max_new_tokens < 1``, ``temperature <= 0`` when sampling, ``top_p`` outside (0, 1].
     """
     _check_decoding(max_new_tokens, do_sample, temperature, top_p)
+    keep = _logit_steps(return_logits, max_new_tokens)
     model = ctx.model
     start = model.cfg.bos_id if start_id is None else start_id
     end = model.cfg.eos_id if end_id is None else end_id
@@ -421,7 +433,7 @@ def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = 
         (h,), (cache,) = forward_blocks(model, [cache], [text_block(model, [tok], pos)], update=True)
         pos += 1
         logits = model.language_model.lm_head(h[-1])
-        if return_logits:
+        if len(rows) < keep:
             rows.append(logits.float())
         tok = _sample(logits, temperature, top_p, generator) if do_sample else int(logits.argmax())
         if tok == end:
@@ -429,13 +441,13 @@ def generate_text(ctx: Context, max_new_tokens: int = 256, *, do_sample: bool = 
             break
     else:
         ids.append(tok)  # the last produced token (its logits were not computed: no further step)
-    return GeneratedText(ids=ids, logits=torch.stack(rows) if return_logits else None, stopped=stopped)
+    return GeneratedText(ids=ids, logits=torch.stack(rows) if keep else None, stopped=stopped)
 
 
 @torch.no_grad()
 def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do_sample: bool = False,
                    temperature: float = 1.0, top_p: float = 1.0, generators: Sequence[torch.Generator | None] | None = None,
-                   return_logits: bool = False) -> list[GeneratedText]:
+                   return_logits: bool | int = False) -> list[GeneratedText]:
     """:func:`generate_text` for several contexts of any lengths at once: every step feeds the next
     token of each unfinished context in ONE decoder call (caches concatenated, each token sees its own
     cache only), so the result equals per-context decoding up to float
@@ -443,6 +455,7 @@ def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do
     if not contexts:
         return []
     _check_decoding(max_new_tokens, do_sample, temperature, top_p)
+    keep = _logit_steps(return_logits, max_new_tokens)
     gens = list(generators) if generators is not None else [None] * len(contexts)
     if len(gens) != len(contexts):
         raise ValueError(f"{len(gens)} generators for {len(contexts)} contexts")
@@ -463,7 +476,7 @@ def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do
         still = []
         for r, j in enumerate(live):
             caches[j], pos[j] = new[r], pos[j] + 1
-            if return_logits:
+            if len(rows[j]) < keep:
                 rows[j].append(logits[r].float())
             tok[j] = _sample(logits[r], temperature, top_p, gens[j]) if do_sample else int(logits[r].argmax())
             if tok[j] == end:
@@ -475,7 +488,7 @@ def generate_texts(contexts: Sequence[Context], max_new_tokens: int = 256, *, do
             break
     for j in live:
         ids[j].append(tok[j])
-    return [GeneratedText(ids=ids[j], logits=torch.stack(rows[j]) if return_logits else None, stopped=stopped[j])
+    return [GeneratedText(ids=ids[j], logits=torch.stack(rows[j]) if keep else None, stopped=stopped[j])
             for j in range(n)]
 
 

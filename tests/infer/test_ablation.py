@@ -149,6 +149,14 @@ def test_batched_equals_unbatched(mt):
         one = generate_text(g.cond, 6, return_logits=True)
         assert t.ids == one.ids and t.stopped == one.stopped
         torch.testing.assert_close(t.logits, one.logits, rtol=1e-5, atol=1e-5)
+    # an int keeps only the first steps' logits, the same rows; the decoded text is unchanged
+    for t, two, one in zip(texts, generate_texts([g.cond for g in gcs], 6, return_logits=2),
+                           (generate_text(g.cond, 6, return_logits=2) for g in gcs)):
+        assert two.ids == one.ids == t.ids and two.logits.shape[0] == one.logits.shape[0] == 2
+        torch.testing.assert_close(two.logits, t.logits[:2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(one.logits, t.logits[:2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="return_logits"):
+        generate_text(gcs[0].cond, 2, return_logits=0)
 
 
 def test_paired_bootstrap():
@@ -456,11 +464,13 @@ def test_revise_probability_reads_the_verdict_token(mt):
     bos = model.cfg.bos_id
     g = GeneratedText(ids=[bos, *prefix, rev, 7], logits=logits, stopped=False)
     assert revise_probability(g, tx) == pytest.approx(0.75)
+    short = GeneratedText(ids=g.ids, logits=logits[:tx.verdict_steps], stopped=False)  # what the loops keep
+    assert tx.verdict_steps == len(prefix) + 1 and revise_probability(short, tx) == pytest.approx(0.75)
+    assert revise_probability(GeneratedText(ids=g.ids, logits=logits[:len(prefix)], stopped=False), tx) is None
     assert revise_probability(GeneratedText(ids=g.ids, logits=None, stopped=False), tx) is None
     if prefix:  # text that does not start with the verdict tag has no verdict probability
         wrong = GeneratedText(ids=[bos, prefix[0] + 1, *prefix[1:], rev, 7], logits=logits, stopped=False)
         assert revise_probability(wrong, tx) is None
-    rv, okv = ReflectStep(verdict="revise"), ReflectStep(verdict="ok")
-    assert acted_verdict(rv, 0.75, 0.5) == "revise" and acted_verdict(rv, 0.75, 0.8) == "ok"
-    assert acted_verdict(rv, None, 0.9) == "revise" and acted_verdict(okv, 0.9, 0.5) == "ok"
+    assert acted_verdict("revise", 0.75, 0.5) == "revise" and acted_verdict("revise", 0.75, 0.8) == "ok"
+    assert acted_verdict("revise", None, 0.9) == "revise" and acted_verdict("ok", 0.9, 0.5) == "ok"
     assert acted_verdict(None, 0.1, 0.5) == "revise"  # unparseable: the loop must do something
