@@ -62,14 +62,14 @@ from ftkit.adapters.merge_common import (
     verification_text,
     write_errors,
 )
-from ftkit.models.folders import SHARD_INDEX, ST_DTYPES, ST_TAGS
+from ftkit.models.folders import SAMPLING_FILE, SHARD_INDEX, ST_DTYPES, ST_TAGS
 
 WEIGHTS = "ema.safetensors"
 INDEX = SHARD_INDEX
 CONFIG_FILES = ("llm_config.json", "vit_config.json")
 OPTIONAL_FILES = ("ae.safetensors", "ae_config.json", "ftkit_bagel.json", "vocab.json", "merges.txt",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "generation_config.json")
+                  "generation_config.json", SAMPLING_FILE)
 CHUNK_BYTES = 64 << 20  # fp32 working block of a merge / copy
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|quant_state")
 

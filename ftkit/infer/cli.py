@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ftkit.infer.generate import generate_prompts, read_prompts
 from ftkit.infer.load import check_finite, load_for_inference
+from ftkit.infer.sampler import RENORM_TYPES
+from ftkit.models.folders import SAMPLING_FILE
 
 log = logging.getLogger("ftkit")
 
@@ -47,22 +49,25 @@ def _merged(model, a: argparse.Namespace):
     return adapters_merged(model)
 
 
-def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: int = 128) -> None:
+def _add_sampler_args(ap: argparse.ArgumentParser, *, tokens: int = 128) -> None:
     g = ap.add_argument_group("sampling")
     g.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
                    help="image size: S (square) or H W, multiples of the VAE stride (16 on BAGEL); default: the "
                         "model's (the largest its latent position table holds, at most 1024: BAGEL-7B-MoT 1024)")
-    g.add_argument("--steps", type=int, default=steps, help=f"Euler steps of the flow sampler (default {steps})")
-    g.add_argument("--shift", type=float, default=3.0, help="timestep shift (default 3.0)")
-    g.add_argument("--cfg-text", type=float, default=4.0, help="text guidance scale (default 4.0)")
-    g.add_argument("--cfg-img", type=float, default=1.0, help="image guidance scale (default 1.0 = off)")
-    g.add_argument("--cfg-interval", type=float, nargs=2, default=[0.4, 1.0], metavar=("LO", "HI"),
-                   help="timesteps t in [LO, HI] are guided (default 0.4 1.0)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"Euler steps of the flow sampler (default: the model folder's {SAMPLING_FILE}, else 50)")
+    g.add_argument("--shift", type=float, default=None, help="timestep shift (default: the folder's, else 3.0)")
+    g.add_argument("--cfg-text", type=float, default=None,
+                   help="text guidance scale (default: the folder's, else 4.0)")
+    g.add_argument("--cfg-img", type=float, default=None,
+                   help="image guidance scale (default: the folder's, else 1.0 = off)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="timesteps t in [LO, HI] are guided (default: the folder's, else 0.4 1.0)")
     g.add_argument("--cfg-plan", type=float, default=None, metavar="S",
                    help="plan guidance scale (GoT's spatial guidance: the plan against the prompt alone; default "
                         "off; the ablation's plan-guided mode uses 2.0 unless set)")
-    g.add_argument("--cfg-renorm", default="global", choices=["global", "channel", "text_channel"],
-                   help="guidance renorm type (default global)")
+    g.add_argument("--cfg-renorm", default=None, choices=list(RENORM_TYPES),
+                   help="guidance renorm type (default: the folder's, else global)")
     g.add_argument("--inpaint", default="auto", choices=["auto", "path", "clean"],
                    help="how an inpainting correction holds the unflagged tokens: on the noise-to-draft path, or "
                         "clean at timestep 0 (region-conditioned: adapters trained with model.region_noise); "
@@ -77,7 +82,7 @@ def _add_sampler_args(ap: argparse.ArgumentParser, *, steps: int = 50, tokens: i
 
 
 def _settings(a: argparse.Namespace):
-    from ftkit.infer.mcot import SamplerSettings, TextSettings
+    from ftkit.infer.mcot import TextSettings
 
     if a.size is None:
         from ftkit.models.folders import read_model_config
@@ -89,26 +94,47 @@ def _settings(a: argparse.Namespace):
         raise ValueError(f"--size takes 1 or 2 values (S or H W), got {len(a.size)}")
     else:
         hw = (a.size[0], a.size[0]) if len(a.size) == 1 else (a.size[0], a.size[1])
-    if a.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {a.steps}")
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if not 0.5 <= a.revise_threshold < 1.0:
         raise ValueError(f"--revise-threshold must be in [0.5, 1), got {a.revise_threshold}")
-    lo, hi = a.cfg_interval
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"--cfg-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
+    sampler = _sampler(a)
     inpaint = a.inpaint
     if inpaint == "auto":
         from ftkit.infer.load import adapter_inpaint
 
         inpaint = adapter_inpaint(a.adapter) if getattr(a, "adapter", None) else "path"
-    sampler = SamplerSettings(num_timesteps=a.steps, timestep_shift=a.shift, cfg_text_scale=a.cfg_text,
-                              cfg_img_scale=a.cfg_img, cfg_interval=(lo, hi), cfg_renorm_type=a.cfg_renorm,
-                              cfg_plan_scale=a.cfg_plan, inpaint=inpaint)
+    sampler.cfg_plan_scale, sampler.inpaint = a.cfg_plan, inpaint
     text = TextSettings(max_plan_tokens=a.max_new_tokens, max_reflect_tokens=a.max_new_tokens,
                         revise_threshold=a.revise_threshold)
     return hw, sampler, text
+
+
+def _sampler(a: argparse.Namespace):
+    """The sampler settings of a run: each flag given, else the model folder's ``sampling.json``
+    (:meth:`SamplerSettings.for_model`), else the built-in default; the folder's are logged."""
+    from ftkit.infer.mcot import SamplerSettings
+
+    s = SamplerSettings.for_model(a.model)
+    given = {"num_timesteps": a.steps, "timestep_shift": getattr(a, "shift", None),
+             "cfg_text_scale": getattr(a, "cfg_text", None), "cfg_img_scale": getattr(a, "cfg_img", None),
+             "cfg_interval": getattr(a, "cfg_interval", None), "cfg_renorm_type": getattr(a, "cfg_renorm", None)}
+    if a.steps is not None and a.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {a.steps}")
+    if given["cfg_interval"] is not None:
+        lo, hi = given["cfg_interval"]
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"--cfg-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
+        given["cfg_interval"] = (lo, hi)
+    default = SamplerSettings()
+    from_folder = {k: v for k, v in vars(s).items() if k in given and given[k] is None and v != getattr(default, k)}
+    if from_folder:
+        log.info("sampler settings from %s: %s (flags override)", Path(a.model) / SAMPLING_FILE,
+                 ", ".join(f"{k}={v}" for k, v in from_folder.items()))
+    for k, v in given.items():
+        if v is not None:
+            setattr(s, k, v)
+    return s
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -388,7 +414,6 @@ def self_critique_main(argv: list[str]) -> int:
     """``ftkit data self-critique``: the model's own plan-act drafts, judged, written as records
     (:mod:`ftkit.infer.selfcritique`). Exit 0, 1 on bad input (one line naming the file / field)."""
     from ftkit.infer.evaluate import balanced_subset
-    from ftkit.infer.mcot import SamplerSettings
     from ftkit.infer.selfcritique import load_judge, self_critique
     from ftkit.models.release import atomic_dir
 
@@ -404,7 +429,9 @@ def self_critique_main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="output folder (records.jsonl, images/, summary.json)")
     ap.add_argument("--n", type=int, default=None, help="N prompts, balanced over categories (default all)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per sampler call")
-    ap.add_argument("--steps", type=int, default=50, help="Euler steps of the flow sampler")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"Euler steps of the flow sampler (default: the model folder's {SAMPLING_FILE}, else 50; its "
+                         "other sampler settings are the folder's too)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0, help="prompt i draws its noise from seed + i")
     ap.add_argument("--rejected", choices=("own", "flip"), default="own",
@@ -433,7 +460,7 @@ def self_critique_main(argv: list[str]) -> int:
         check_finite(model, a.adapter or a.model)
         with atomic_dir(out, overwrite=True) as tmp:
             s = self_critique(model, tok, records, judge, tmp, batch_size=a.batch, image_hw=(a.size, a.size),
-                              sampler=SamplerSettings(num_timesteps=a.steps), seed=a.seed, progress=not a.no_progress,
+                              sampler=_sampler(a), seed=a.seed, progress=not a.no_progress,
                               rejected=a.rejected)
     except _errors() as e:
         print(f"ftkit data self-critique: error: {_fmt_err(e)}", file=sys.stderr)

@@ -40,7 +40,8 @@ from ftkit.data.schema import Box, PlanStep, ReflectStep, Region
 from ftkit.data.serialize import ParseError, parse_plan, parse_reflection, serialize_reflection
 from ftkit.files import atomic_write
 from ftkit.infer.context import Context, GuidanceContexts
-from ftkit.infer.sampler import GeneratedText, decode_image, generate_image, generate_text
+from ftkit.infer.sampler import RENORM_TYPES, GeneratedText, decode_image, generate_image, generate_text
+from ftkit.models.folders import SAMPLING_FILE
 
 
 @dataclass
@@ -61,6 +62,48 @@ class SamplerSettings:
         d = asdict(self)
         d["cfg_interval"] = tuple(d["cfg_interval"])
         return d
+
+    @classmethod
+    def for_model(cls, folder: str | os.PathLike) -> SamplerSettings:
+        """These defaults, overridden by the model folder's ``sampling.json`` where it has one.
+
+        A folder's authors record there the settings its scores were measured with (as a transformers
+        checkpoint's ``generation_config.json`` does for text), e.g. ``{"cfg_text_scale": 8.0}``; keys are
+        this class's fields except the per-run ``cfg_plan_scale`` and ``inpaint``.
+
+        Raises:
+            ValueError: naming the file and the field, for an unknown key or a value out of range.
+        """
+        path = Path(folder) / SAMPLING_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: must be a JSON object of sampler settings")
+        known = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
+                 "cfg_renorm_type", "cfg_renorm_min")
+        for k, v in d.items():
+            bad = None
+            if k not in known:
+                bad = f"unknown sampler setting (known: {', '.join(known)})"
+            elif k == "num_timesteps":
+                bad = None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "must be an integer >= 1"
+            elif k == "cfg_interval":
+                ok = (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+                      and 0 <= v[0] <= v[1] <= 1)
+                bad = None if ok else "must be [lo, hi] with 0 <= lo <= hi <= 1"
+            elif k == "cfg_renorm_type":
+                bad = None if v in RENORM_TYPES else f"must be one of {', '.join(RENORM_TYPES)}"
+            elif not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
+                bad = "must be a number >= 0"
+            if bad:
+                raise ValueError(f"{path}: field {k!r}: {bad}, got {v!r}")
+        if "cfg_interval" in d:
+            d["cfg_interval"] = (float(d["cfg_interval"][0]), float(d["cfg_interval"][1]))
+        return cls(**d)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig, read_json_obj
 FOX_MODEL_TYPE = "ftkit-fox"
 FOX_FORMAT_VERSION = 1
 SHARD_INDEX = "model.safetensors.index.json"
+SAMPLING_FILE = "sampling.json"  # a folder's own sampler settings (ftkit.infer.mcot.SamplerSettings.for_model)
 FOLDER_HELP = ("expected a BAGEL release folder (llm_config.json, vit_config.json, ema.safetensors or "
                f"{SHARD_INDEX}, ae.safetensors, tokenizer files), a folder written by `ftkit merge`, or an ftkit "
                f"FoX folder (config.json with model_type '{FOX_MODEL_TYPE}')")
@@ -177,6 +178,7 @@ __all__ = [
     "FOLDER_HELP",
     "FOX_FORMAT_VERSION",
     "FOX_MODEL_TYPE",
+    "SAMPLING_FILE",
     "SHARD_INDEX",
     "ST_DTYPES",
     "ST_TAGS",

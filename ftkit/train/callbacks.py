@@ -57,6 +57,15 @@ class MCoTSamples(L.Callback):
                  num_timesteps: int = 10, rounds: int = 1, max_new_tokens: int = 48):
         self.out, self.every = Path(out), every_n_steps
         self.prompts, self.size, self.steps, self.rounds, self.max_new = prompts, image_size, num_timesteps, rounds, max_new_tokens
+        self.sampler = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """The model folder's sampler settings (its ``sampling.json``; read here so a bad one stops the run
+        before step 0), at this callback's number of steps."""
+        from ftkit.infer.mcot import SamplerSettings
+
+        self.sampler = SamplerSettings.for_model(pl_module.hparams.model_path)
+        self.sampler.num_timesteps = self.steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.every or (trainer.global_step % self.every) or not trainer.is_global_zero:
@@ -80,7 +89,7 @@ class MCoTSamples(L.Callback):
                 for i, prompt in enumerate(self.prompts):
                     g = torch.Generator().manual_seed(i)
                     trace = run_mcot(model, tok, prompt, rounds=self.rounds, image_hw=(self.size, self.size),
-                                     sampler=SamplerSettings(num_timesteps=self.steps),
+                                     sampler=self.sampler or SamplerSettings(num_timesteps=self.steps),
                                      text=TextSettings(max_plan_tokens=self.max_new, max_reflect_tokens=self.max_new),
                                      generator=g)
                     sheets.append(contact_sheet(trace))

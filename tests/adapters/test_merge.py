@@ -168,6 +168,14 @@ def test_sharded_output_with_index(fixture_dir, lora_adapter, work):
         assert set(ck.infos) == set(single)
 
 
+def test_merged_folder_keeps_the_sampling_settings(fixture_dir, lora_adapter, work):
+    base = work / "base-sampling"
+    shutil.copytree(fixture_dir, base)
+    (base / "sampling.json").write_text('{"cfg_text_scale": 8.0}')
+    merge(base, lora_adapter, work / "out-sampling", dtype="fp32", max_shard_size=None, verify=False)
+    assert (work / "out-sampling" / "sampling.json").read_text() == '{"cfg_text_scale": 8.0}'
+
+
 # ----------------------------------------------------------------------------- refusals and atomicity
 
 

@@ -3,6 +3,7 @@ and the merged (sharded) model; ``evaluate_shapes`` with a plug-in detector; bad
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,32 @@ def test_generate_t2i_from_prompts_file(env, tmp_path, capsys):
     again = json.loads((out / "index.json").read_text())
     assert len(again["prompts"]) == 1 and np.array_equal(png(out / again["prompts"][0]["final"]), first)
     assert not list(tmp_path.glob(".t2i*"))  # no temporary folder left behind
+
+
+def test_model_folder_sampling_json_sets_the_sampler_defaults(env, tmp_path, capsys):
+    """A folder's sampling.json replaces the built-in sampler defaults; a flag still wins; a bad field is one line
+    naming the file and the field."""
+    folder = tmp_path / "model"
+    shutil.copytree(env["model"], folder)
+
+    def gen(out, *extra):
+        rc = generate_main(["--model", str(folder), "--adapter", str(env["adapter"]), "--prompt", "a red circle",
+                            "--out", str(tmp_path / out), "--mode", "t2i", "--size", "32", "--seed", "1", *extra])
+        assert rc == 0, capsys.readouterr().err
+        capsys.readouterr()
+        return png(tmp_path / out / json.loads((tmp_path / out / "index.json").read_text())["prompts"][0]["final"])
+
+    unguided = gen("a", "--steps", "2", "--cfg-text", "1")
+    (folder / "sampling.json").write_text(json.dumps({"num_timesteps": 2, "cfg_text_scale": 1.0}))
+    assert SamplerSettings.for_model(folder) == SamplerSettings(num_timesteps=2, cfg_text_scale=1.0)
+    assert np.array_equal(gen("b"), unguided)  # no flags: the folder's settings
+    assert not np.array_equal(gen("c", "--cfg-text", "4"), unguided)  # a flag overrides the folder
+    for bad, field in (({"cfg_text_scale": -1}, "cfg_text_scale"), ({"cfg_interval": [0.9, 0.1]}, "cfg_interval"),
+                       ({"num_timesteps": 2.5}, "num_timesteps"), ({"guidance": 4}, "guidance")):
+        (folder / "sampling.json").write_text(json.dumps(bad))
+        rc = generate_main(["--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "d"), "--mode", "t2i"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and "sampling.json" in err and repr(field) in err and len(err.splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------- eval
