@@ -75,7 +75,7 @@ class MCoTSamples(L.Callback):
     def render(self, trainer, pl_module, step: int) -> Path | None:
         from PIL import Image
 
-        from ftkit.infer.mcot import SamplerSettings, TextSettings, contact_sheet, run_mcot
+        from ftkit.infer.mcot import TextSettings, contact_sheet, run_mcot
 
         model = pl_module.model
         tok = trainer.datamodule.tokenizer if trainer.datamodule is not None else None
@@ -89,7 +89,7 @@ class MCoTSamples(L.Callback):
                 for i, prompt in enumerate(self.prompts):
                     g = torch.Generator().manual_seed(i)
                     trace = run_mcot(model, tok, prompt, rounds=self.rounds, image_hw=(self.size, self.size),
-                                     sampler=self.sampler or SamplerSettings(num_timesteps=self.steps),
+                                     sampler=self.sampler,
                                      text=TextSettings(max_plan_tokens=self.max_new, max_reflect_tokens=self.max_new),
                                      generator=g)
                     sheets.append(contact_sheet(trace))

@@ -229,3 +229,23 @@ def test_full_finetune_bf16_keeps_fp32_master_weights(tiny_env):
     assert any(k.endswith("mlp_moe_gen.up_proj.weight") for k in sd)
     assert all(v.dtype == torch.float32 for v in sd.values())
     assert not (run / "adapter").exists()  # nothing to export without an adapter
+
+
+def test_sample_grids_use_the_model_folders_sampling_settings(tiny_env, tmp_path):
+    """The training sample grids read the backbone folder's sampling.json before step 0: a bad one stops the run
+    with nothing written, a good one is used for the grids."""
+    import shutil
+
+    root = tmp_path / "env"
+    shutil.copytree(tiny_env / "model", root / "model")
+    shutil.copytree(tiny_env / "data", root / "data")
+    samples = {"every_n_steps": 2, "prompts": ["a photo of a red circle"], "image_size": 32, "num_timesteps": 2,
+               "max_new_tokens": 4}
+    recipe = write_recipe(root, "grids", trainer={"max_steps": 2}, ftkit={"samples": samples})
+    (root / "model" / "sampling.json").write_text('{"cfg_text_scale": "high"}')
+    r = run_fit(recipe, check=False)
+    assert r.returncode != 0 and "sampling.json" in r.stderr and "'cfg_text_scale'" in r.stderr, r.stderr[-2000:]
+    assert not list((root / "runs").rglob("*.ckpt")) and not list((root / "runs").rglob("adapter_model.safetensors"))
+    (root / "model" / "sampling.json").write_text('{"cfg_text_scale": 1.0}')
+    run_fit(recipe)
+    assert (root / "runs" / "grids" / "latest" / "samples" / "step000002.png").is_file()
