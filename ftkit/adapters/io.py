@@ -41,6 +41,7 @@ from ftkit.adapters.attach import (
 from ftkit.adapters.config import AdapterConfig, AdapterConfigError, model_experts
 from ftkit.errors import FtkitError
 from ftkit.files import file_sha256
+from ftkit.models.folders import SAMPLING_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -152,7 +153,7 @@ def peft_config_dict(peft_cfg) -> dict:
 
 
 def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Path, base_path: str | Path | None = None,
-                 extra: dict | None = None, *, overwrite: bool = False) -> Path:
+                 extra: dict | None = None, *, sampling: dict | None = None, overwrite: bool = False) -> Path:
     """Write the adapter of ``model`` to ``out_dir`` (see module doc), atomically.
 
     Args:
@@ -160,6 +161,8 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
         cfg: its AdapterConfig (``None``: the one it was attached with; must be that one otherwise).
         base_path: the base model folder it was trained on (recorded, used by ``ftkit merge``).
         extra: JSON-serialisable run information (recipe, data, metrics, ...), recorded verbatim.
+        sampling: the settings to generate with (e.g. ``{"revise_threshold": 0.8}``), written as the folder's
+            ``sampling.json`` (:func:`ftkit.infer.mcot.read_sampling`); validated.
         overwrite: replace an existing ``out_dir``.
 
     Raises:
@@ -171,6 +174,10 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
     attached = adapter_config_of(model)
     if cfg is not None and cfg.to_dict() != attached.to_dict():
         raise AdapterError("save_adapter: cfg differs from the config the model's adapters were attached with")
+    if sampling:
+        from ftkit.infer.mcot import check_sampling
+
+        sampling = check_sampling(sampling, f"{out_dir}: sampling")
     try:
         extra_json = json.loads(json.dumps(extra or {}))
     except TypeError as e:
@@ -198,6 +205,8 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "ftkit": FORMAT})
         meta["sha256"] = {ADAPTER_WEIGHTS: file_sha256(tmp / ADAPTER_WEIGHTS)}
         (tmp / FTKIT_META).write_text(json.dumps(meta, indent=2))
+        if sampling:
+            (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
     return Path(out_dir)
 
 

@@ -69,7 +69,7 @@ INDEX = SHARD_INDEX
 CONFIG_FILES = ("llm_config.json", "vit_config.json")
 OPTIONAL_FILES = ("ae.safetensors", "ae_config.json", "ftkit_bagel.json", "vocab.json", "merges.txt",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                  "generation_config.json", SAMPLING_FILE)
+                  "generation_config.json")
 CHUNK_BYTES = 64 << 20  # fp32 working block of a merge / copy
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_format)$|quant_state")
 
@@ -496,6 +496,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
         names = [WEIGHTS] if not sharded else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
         copies = [f for f in OPTIONAL_FILES if (base / f).is_file()] + list(CONFIG_FILES)
+        from ftkit.infer.mcot import model_sampling
+
+        sampling = model_sampling(base, adapter)  # the adapter's sampling.json over the base's (both validated)
         need = total + sum((base / f).stat().st_size for f in copies) + (1 << 20) * len(shards)
         require_free_space(out, need)
         rep = MergeReport(out=out, files=[], tensors=len(plan), merged=stats["merged"], replaced=stats["replaced"],
@@ -523,6 +526,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
                 for f in copies:
                     shutil.copy2(base / f, tmp / f)
                     rep.files.append(f)
+                if sampling:
+                    (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2))
+                    rep.files.append(SAMPLING_FILE)
                 if stats["upcycled"] and (tmp / "ftkit_bagel.json").is_file():
                     d = json.loads((tmp / "ftkit_bagel.json").read_text())
                     d.update(experts=["", "_moe_sem", "_moe_gen"], routing=[0, 1, 2])

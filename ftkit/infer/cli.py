@@ -75,10 +75,10 @@ def _add_sampler_args(ap: argparse.ArgumentParser, *, tokens: int = 128) -> None
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
     g.add_argument("--max-new-tokens", type=int, default=tokens,
                    help=f"most tokens per plan / reflection (default {tokens}; greedy decoding)")
-    g.add_argument("--revise-threshold", type=float, default=0.5, metavar="P",
+    g.add_argument("--revise-threshold", type=float, default=None, metavar="P",
                    help="act on a reflection's `revise` only when the model's p(revise) / (p(revise) + p(ok)) at the "
-                        "verdict token exceeds P, in [0.5, 1) (default 0.5: the decoded verdict); calibrate it on "
-                        "development prompts with the ablation's threshold sweep")
+                        f"verdict token exceeds P, in [0.5, 1) (default: the adapter's {SAMPLING_FILE}, else 0.5: the "
+                        "decoded verdict); calibrate it on development prompts with the ablation's threshold sweep")
 
 
 def _settings(a: argparse.Namespace):
@@ -96,9 +96,7 @@ def _settings(a: argparse.Namespace):
         hw = (a.size[0], a.size[0]) if len(a.size) == 1 else (a.size[0], a.size[1])
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if not 0.5 <= a.revise_threshold < 1.0:
-        raise ValueError(f"--revise-threshold must be in [0.5, 1), got {a.revise_threshold}")
-    sampler = _sampler(a)
+    sampler, threshold = _sampler(a, with_threshold=True)
     inpaint = a.inpaint
     if inpaint == "auto":
         from ftkit.infer.load import adapter_inpaint
@@ -106,35 +104,36 @@ def _settings(a: argparse.Namespace):
         inpaint = adapter_inpaint(a.adapter) if getattr(a, "adapter", None) else "path"
     sampler.cfg_plan_scale, sampler.inpaint = a.cfg_plan, inpaint
     text = TextSettings(max_plan_tokens=a.max_new_tokens, max_reflect_tokens=a.max_new_tokens,
-                        revise_threshold=a.revise_threshold)
+                        revise_threshold=threshold)
     return hw, sampler, text
 
 
-def _sampler(a: argparse.Namespace):
-    """The sampler settings of a run: each flag given, else the model folder's ``sampling.json``
-    (:meth:`SamplerSettings.for_model`), else the built-in default; the folder's are logged."""
-    from ftkit.infer.mcot import SamplerSettings
+FLAGS = {"num_timesteps": "steps", "timestep_shift": "shift", "cfg_text_scale": "cfg_text", "cfg_img_scale": "cfg_img",
+         "cfg_interval": "cfg_interval", "cfg_renorm_type": "cfg_renorm", "revise_threshold": "revise_threshold"}
 
-    s = SamplerSettings.for_model(a.model)
-    given = {"num_timesteps": a.steps, "timestep_shift": getattr(a, "shift", None),
-             "cfg_text_scale": getattr(a, "cfg_text", None), "cfg_img_scale": getattr(a, "cfg_img", None),
-             "cfg_interval": getattr(a, "cfg_interval", None), "cfg_renorm_type": getattr(a, "cfg_renorm", None)}
-    if a.steps is not None and a.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {a.steps}")
-    if given["cfg_interval"] is not None:
-        lo, hi = given["cfg_interval"]
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"--cfg-interval must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
-        given["cfg_interval"] = (lo, hi)
-    default = SamplerSettings()
-    from_folder = {k: v for k, v in vars(s).items() if k in given and given[k] is None and v != getattr(default, k)}
-    if from_folder:
-        log.info("sampler settings from %s: %s (flags override)", Path(a.model) / SAMPLING_FILE,
-                 ", ".join(f"{k}={v}" for k, v in from_folder.items()))
+
+def _sampler(a: argparse.Namespace, *, with_threshold: bool = False):
+    """The sampler settings of a run (and, ``with_threshold``, its revise threshold): each flag given, else
+    the adapter folder's ``sampling.json``, else the model folder's (:func:`~ftkit.infer.mcot.read_sampling`),
+    else the built-in default; the folders' are logged."""
+    from ftkit.infer.mcot import SamplerSettings, check_sampling, read_sampling
+
+    given = {k: getattr(a, f, None) for k, f in FLAGS.items()}
+    given = {k: tuple(v) if k == "cfg_interval" else v for k, v in given.items() if v is not None}
     for k, v in given.items():
-        if v is not None:
-            setattr(s, k, v)
-    return s
+        check_sampling({k: v}, f"--{FLAGS[k].replace('_', '-')}")
+    folders = [Path(a.model)] + ([Path(a.adapter)] if getattr(a, "adapter", None) else [])
+    merged = {}
+    for folder in folders:
+        own = {k: v for k, v in read_sampling(folder).items() if k not in given}
+        if own:
+            log.info("sampling settings from %s: %s (flags override)", folder / SAMPLING_FILE,
+                     ", ".join(f"{k}={v}" for k, v in own.items()))
+        merged.update(own)
+    merged.update(given)
+    threshold = merged.pop("revise_threshold", 0.5)
+    s = SamplerSettings(**merged)
+    return (s, threshold) if with_threshold else s
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:

@@ -17,10 +17,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class AdapterExport(L.Callback):
-    """Writes the trained adapter (peft format + ftkit metadata) to ``out`` when training ends."""
+    """Writes the trained adapter (peft format + ftkit metadata, and the recipe's ``sampling`` settings as
+    its ``sampling.json``) to ``out`` when training ends."""
 
-    def __init__(self, out: str | Path, extra: dict | None = None):
-        self.out, self.extra = Path(out), dict(extra or {})
+    def __init__(self, out: str | Path, extra: dict | None = None, sampling: dict | None = None):
+        self.out, self.extra, self.sampling = Path(out), dict(extra or {}), sampling
 
     def on_train_end(self, trainer, pl_module) -> None:
         from ftkit.adapters.io import save_adapter
@@ -41,7 +42,8 @@ class AdapterExport(L.Callback):
         try:
             if trainer.is_global_zero:
                 save_adapter(pl_module.model, pl_module.adapter_cfg, self.out,
-                             base_path=str(pl_module.hparams.model_path), extra=extra, overwrite=True)
+                             base_path=str(pl_module.hparams.model_path), extra=extra, sampling=self.sampling,
+                             overwrite=True)
                 log.info("adapter written to %s", self.out)
         finally:
             for m in sharded:

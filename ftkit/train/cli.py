@@ -99,6 +99,10 @@ def fit_main(argv: list[str]) -> int:
     if path is not None:  # the command line wins over the recipe, for the weights check too
         lcfg.setdefault("model", {})["model_path"] = path
     check_weights(lcfg, recipe)
+    if fcfg.get("sampling") is not None:  # refused before a run folder exists
+        from ftkit.infer.mcot import check_sampling
+
+        fcfg["sampling"] = check_sampling(fcfg["sampling"], f"{recipe_path}: ftkit.sampling")
     from ftkit.train.run import open_run, run_folder
 
     run_root = Path(ns.run_root or fcfg.get("run_root") or "runs") / recipe
@@ -124,7 +128,8 @@ def _fit(rest, recipe, recipe_path, lcfg, fcfg, run_root: Path, run_dir: Path, c
     every = int(fcfg.get("checkpoint_every_n_steps", 50))
     callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=every,
                                  save_top_k=int(fcfg.get("keep_checkpoints", 1)), monitor="step", mode="max"),
-                 AdapterExport(run_dir / "adapter", extra={"recipe": recipe, "run_dir": str(run_dir)}),
+                 AdapterExport(run_dir / "adapter", extra={"recipe": recipe, "run_dir": str(run_dir)},
+                               sampling=fcfg.get("sampling")),
                  MetricsBeforeCheckpoint(every)]
     if (fcfg.get("ema") or {}).get("decay"):
         callbacks.append(WeightEMA(float(fcfg["ema"]["decay"])))

@@ -173,7 +173,18 @@ def test_merged_folder_keeps_the_sampling_settings(fixture_dir, lora_adapter, wo
     shutil.copytree(fixture_dir, base)
     (base / "sampling.json").write_text('{"cfg_text_scale": 8.0}')
     merge(base, lora_adapter, work / "out-sampling", dtype="fp32", max_shard_size=None, verify=False)
-    assert (work / "out-sampling" / "sampling.json").read_text() == '{"cfg_text_scale": 8.0}'
+    assert json.loads((work / "out-sampling" / "sampling.json").read_text()) == {"cfg_text_scale": 8.0}
+    # the adapter's own settings (its calibrated revise threshold) go over the base's, in the merged folder
+    adapter = work / "adapter-sampling"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / "sampling.json").write_text('{"revise_threshold": 0.8, "cfg_text_scale": 6.0}')
+    merge(base, adapter, work / "out-sampling2", dtype="fp32", max_shard_size=None, verify=False)
+    merged = json.loads((work / "out-sampling2" / "sampling.json").read_text())
+    assert merged == {"cfg_text_scale": 6.0, "revise_threshold": 0.8}
+    (adapter / "sampling.json").write_text('{"revise_threshold": 2}')
+    with pytest.raises(ValueError, match=r"adapter-sampling/sampling\.json: field 'revise_threshold'"):
+        merge(base, adapter, work / "never-sampling", dtype="fp32", max_shard_size=None, verify=False)
+    assert not (work / "never-sampling").exists()
 
 
 # ----------------------------------------------------------------------------- refusals and atomicity

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from ftkit.data.geneval import GENEVAL_TAGS, Detection, Detector
-from ftkit.infer.cli import eval_main, generate_main
+from ftkit.infer.cli import _settings, build_generate_parser, eval_main, generate_main
 from ftkit.infer.evaluate import balanced_subset, category_scores, evaluate_shapes, results_table
 from ftkit.infer.generate import read_prompts
 from ftkit.infer.load import load_for_inference
@@ -199,6 +199,39 @@ def test_model_folder_sampling_json_sets_the_sampler_defaults(env, tmp_path, cap
         rc = generate_main(["--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "d"), "--mode", "t2i"])
         err = capsys.readouterr().err.strip()
         assert rc == 1 and "sampling.json" in err and repr(field) in err and len(err.splitlines()) == 1, err
+
+
+def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(env, tmp_path, capsys):
+    """An adapter folder's sampling.json (its calibrated revise threshold, written by ftkit fit from the recipe)
+    overrides the model folder's; flags override both; a bad value names the adapter's file and the field."""
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    shutil.copytree(env["model"], model)
+    shutil.copytree(env["adapter"], adapter)
+
+    def settings(*flags):
+        a = build_generate_parser().parse_args(["--model", str(model), "--adapter", str(adapter), "--prompt", "x",
+                                                "--out", str(tmp_path / "o"), "--size", "32", *flags])
+        _, sampler, text = _settings(a)
+        return sampler, text.revise_threshold
+
+    assert settings() == (SamplerSettings(), 0.5)  # neither folder says anything: the built-in defaults
+    (model / "sampling.json").write_text(json.dumps({"cfg_text_scale": 8.0, "num_timesteps": 20}))
+    (adapter / "sampling.json").write_text(json.dumps({"revise_threshold": 0.8, "cfg_text_scale": 6.0}))
+    sampler, threshold = settings()
+    assert (sampler.cfg_text_scale, sampler.num_timesteps, threshold) == (6.0, 20, 0.8)
+    sampler, threshold = settings("--revise-threshold", "0.6", "--cfg-text", "2")
+    assert (sampler.cfg_text_scale, sampler.num_timesteps, threshold) == (2.0, 20, 0.6)
+    for flags, name in ((["--revise-threshold", "0.3"], "--revise-threshold"), (["--cfg-interval", "0.9", "0.1"],
+                                                                                    "--cfg-interval"),
+                        (["--steps", "0"], "--steps")):
+        with pytest.raises(ValueError, match=f"^{name}: field"):
+            settings(*flags)
+    (adapter / "sampling.json").write_text(json.dumps({"revise_threshold": 1.0}))
+    rc = generate_main(["--model", str(model), "--adapter", str(adapter), "--prompt", "x", "--out",
+                        str(tmp_path / "d"), "--mode", "mcot"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and str(adapter / "sampling.json") in err and "'revise_threshold'" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------------------- eval

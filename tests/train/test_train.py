@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ftkit.infer.mcot import SamplerSettings
 from ftkit.train.recipe import REPO_ROOT, RecipeError, compose, find_recipe
 
 PY = sys.executable
@@ -233,7 +234,8 @@ def test_full_finetune_bf16_keeps_fp32_master_weights(tiny_env):
 
 def test_sample_grids_use_the_model_folders_sampling_settings(tiny_env, tmp_path):
     """The training sample grids read the backbone folder's sampling.json before step 0: a bad one stops the run
-    with nothing written, a good one is used for the grids."""
+    with nothing written, a good one is used for the grids. A recipe's ftkit.sampling is checked before the run
+    folder exists and written as the adapter's sampling.json."""
     import shutil
 
     root = tmp_path / "env"
@@ -241,11 +243,22 @@ def test_sample_grids_use_the_model_folders_sampling_settings(tiny_env, tmp_path
     shutil.copytree(tiny_env / "data", root / "data")
     samples = {"every_n_steps": 2, "prompts": ["a photo of a red circle"], "image_size": 32, "num_timesteps": 2,
                "max_new_tokens": 4}
+    # the recipe's own settings for the adapter (its calibrated revise threshold): checked before a run folder
+    bad = write_recipe(root, "grids", trainer={"max_steps": 2}, ftkit={"samples": samples,
+                                                                       "sampling": {"revise_threshold": 0.2}})
+    r = run_fit(bad, check=False)
+    assert r.returncode != 0 and "ftkit.sampling: field 'revise_threshold'" in r.stderr, r.stderr[-2000:]
+    assert not (root / "runs").exists()
     recipe = write_recipe(root, "grids", trainer={"max_steps": 2}, ftkit={"samples": samples})
     (root / "model" / "sampling.json").write_text('{"cfg_text_scale": "high"}')
     r = run_fit(recipe, check=False)
     assert r.returncode != 0 and "sampling.json" in r.stderr and "'cfg_text_scale'" in r.stderr, r.stderr[-2000:]
     assert not list((root / "runs").rglob("*.ckpt")) and not list((root / "runs").rglob("adapter_model.safetensors"))
     (root / "model" / "sampling.json").write_text('{"cfg_text_scale": 1.0}')
+    recipe = write_recipe(root, "grids", trainer={"max_steps": 2}, ftkit={"samples": samples,
+                                                                          "sampling": {"revise_threshold": 0.8}})
     run_fit(recipe)
     assert (root / "runs" / "grids" / "latest" / "samples" / "step000002.png").is_file()
+    adapter = root / "runs" / "grids" / "latest" / "adapter"
+    assert json.loads((adapter / "sampling.json").read_text()) == {"revise_threshold": 0.8}
+    assert SamplerSettings.for_model(root / "model", adapter) == SamplerSettings(cfg_text_scale=1.0)
