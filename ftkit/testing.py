@@ -36,6 +36,22 @@ def fixture_segments(fixture_dir: Path, inputs: dict[str, torch.Tensor]) -> list
     return segs
 
 
+class ScriptedTokenizer:
+    """A real tokenizer for encoding whose ``decode`` returns scripted texts in call order (the plans and
+    reflections a trained model would write), so parsing, stopping, verdict gating and region inpainting run on
+    a random model."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, list(texts)
+        self.all_special_ids = tok.all_special_ids
+
+    def encode(self, text, add_special_tokens=False):
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.texts.pop(0)
+
+
 class KillAtStep(L.Callback):
     """Lightning callback that hard-kills the process (``os._exit(17)``) once optimizer step ``step`` is
     done and its checkpoint written: a crash, for resume tests. Use via

@@ -34,6 +34,7 @@ from ftkit.infer.mcot import (
 from ftkit.infer.sampler import GeneratedText, generate_images, generate_text, generate_texts, latent_grid
 from ftkit.models.bagel import timestep_schedule
 from ftkit.models.loading import load_bagel, load_tokenizer
+from ftkit.testing import ScriptedTokenizer
 
 HW = (32, 32)
 
@@ -170,21 +171,6 @@ def test_paired_bootstrap():
     x, y = rng.random(200) < 0.6, rng.random(200) < 0.4
     d = paired_bootstrap(x, y, ["t"] * 200, n_boot=1000)
     assert d["t"]["lo"] < d["t"]["diff"] < d["t"]["hi"] and d["t"]["hi"] - d["t"]["lo"] < 0.3
-
-
-class ScriptedTokenizer:
-    """The real tokenizer for encoding; ``decode`` returns scripted plans / reflections in call order,
-    so verdict gating and region inpainting run on a random model."""
-
-    def __init__(self, tok, texts):
-        self.tok, self.texts = tok, list(texts)
-        self.all_special_ids = tok.all_special_ids
-
-    def encode(self, text, add_special_tokens=False):
-        return self.tok.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids, skip_special_tokens=True):
-        return self.texts.pop(0)
 
 
 def test_ablation_end_to_end(fixture_dir, tmp_path):

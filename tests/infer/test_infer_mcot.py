@@ -19,6 +19,7 @@ from ftkit.infer.mcot import (
 )
 from ftkit.infer.sampler import latent_grid
 from ftkit.models.loading import load_bagel, load_tokenizer
+from ftkit.testing import ScriptedTokenizer
 
 FAST = SamplerSettings(num_timesteps=3)
 SHORT = TextSettings(max_plan_tokens=8, max_reflect_tokens=8)
@@ -31,21 +32,6 @@ def mt(fixture_dir):
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-class ScriptedTokenizer:
-    """The real tokenizer for encoding; ``decode`` returns scripted texts in order (what a trained
-    model would write), so the parsing / stopping logic can be exercised on a random model."""
-
-    def __init__(self, tok, texts):
-        self.tok, self.texts = tok, list(texts)
-        self.all_special_ids = tok.all_special_ids
-
-    def encode(self, text, add_special_tokens=False):
-        return self.tok.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids, skip_special_tokens=True):
-        return self.texts.pop(0)
 
 
 def test_runs_to_the_round_limit(mt, tmp_path):
