@@ -149,6 +149,12 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / u) if u else 0.0
 
 
+def regions_iou(a, b, hw: tuple[int, int]) -> float:
+    """IoU of the pixels of an ``hw`` image covered by boxes ``a`` and by boxes ``b`` (``[x0, y0, x1, y1]`` in
+    [0, 1000]); 0 when neither covers any."""
+    return _iou(_box_mask(a, hw), _box_mask(b, hw))
+
+
 class _Said(NamedTuple):
     """One decoded reflection: its token ids, text, the parsed reflection (``None`` when it does not parse),
     the verdict acted on (:func:`~ftkit.infer.mcot.acted_verdict`: an unparseable reflection counts as

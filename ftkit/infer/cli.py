@@ -468,5 +468,6 @@ def self_critique_main(argv: list[str]) -> int:
           f"wrote {s['records']} records ({s['corrections']} corrections) to {out}")
     if s["own_verdict_accuracy"] is not None:
         print(f"the model's own verdicts agree with the judge on {s['own_verdict_accuracy']:.3f} of the drafts; "
-              f"rejected reflections: {s['rejected_own']} its own, {s['rejected_flipped']} flipped")
+              f"rejected reflections: {s['rejected_own']} its own ({s['rejected_own_regions']} of them flagging the wrong "
+              f"regions), {s['rejected_flipped']} flipped")
     return 0

@@ -8,7 +8,8 @@ records (FoX's separate tasks), ready for a second round of training:
 * ``<id>#self-reflect``: ``[plan (the model's own, when it parses), draft (its image), reflect (the judge's)]``,
   ``supervise: [reflect]``: reflections of the model's own outputs, correct drafts with verdict ``ok``;
   Each also carries ``rejected`` (a preference pair for DPO, :mod:`ftkit.data.preference`): with
-  ``rejected="own"`` the model's own reflection on its draft where its verdict disagrees with the judge's,
+  ``rejected="own"`` the model's own reflection on its draft where it is a wrong critique
+  (:func:`wrong_own_reflection`: the other verdict, or ``revise`` flagging regions that miss the judge's),
   else (and with ``rejected="flip"``) the judge's with its verdict flipped
   (:func:`~ftkit.data.preference.flipped_reflection`);
 * ``<id>#self-correct`` (drafts judged ``revise`` when the judge supplies a target image):
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ftkit.data.schema import BOX_MAX, PlanStep
+from ftkit.data.schema import BOX_MAX, PlanStep, ReflectStep
 from ftkit.data.world import relative_position
 
 # the region kind a failed detection gets, by the prompt's GenEval category
@@ -267,6 +268,27 @@ def load_judge(spec: str, root: str | os.PathLike | None = None, target: str = "
     return fn
 
 
+REGION_IOU_MIN = 0.5  # a `revise` whose regions cover the judge's less than this flags the wrong place
+
+
+def wrong_own_reflection(mine: ReflectStep | None, judge: Critique, hw: tuple[int, int]) -> ReflectStep | None:
+    """The model's own reflection ``mine`` when it is a wrong critique of its draft, for a DPO pair's rejected
+    side: the verdict differs from the judge's, or both say ``revise`` and ``mine``'s regions cover the judge's
+    with IoU below :data:`REGION_IOU_MIN` (on an ``hw`` image; a judge without regions checks the verdict
+    only); else ``None`` (unparsed, or right). Pairs that differ only in the verdict word teach the verdict;
+    these also teach where the conflict is."""
+    if mine is None:
+        return None
+    if mine.verdict != judge.verdict:
+        return mine
+    if judge.verdict == "revise" and judge.regions:
+        from ftkit.infer.ablation import regions_iou
+
+        if regions_iou([g.box for g in mine.regions], [g["box"] for g in judge.regions], hw) < REGION_IOU_MIN:
+            return mine
+    return None
+
+
 def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable, out_dir: str | os.PathLike, *,
                   batch_size: int = 16, image_hw: tuple[int, int] = (64, 64), sampler=None, text=None,
                   seed: int = 0, progress: bool = True, rejected: str = "own") -> dict:
@@ -278,7 +300,8 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
     does not.
 
     Returns the summary: prompts, drafts judged ok / revise, records written, skipped prompts, the
-    verdict of every draft in order, how many rejected reflections are the model's own."""
+    verdict of every draft in order, how many rejected reflections are the model's own (``rejected_own``; of
+    them ``rejected_own_regions`` with the judge's verdict and the wrong regions)."""
     from ftkit.data.preference import flipped_reflection
     from ftkit.data.schema import StepRecord, step_to_dict
     from ftkit.data.serialize import ParseError, parse_plan, parse_reflection
@@ -291,7 +314,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
                        sampler=sampler, text=text, seed=seed, out_dir=out / "sampled", n_boot=10, progress=progress,
                        reflect=rejected == "own")
     (out / "images").mkdir(exist_ok=True)
-    lines, verdicts, skipped, own, agree = [], [], 0, 0, []
+    lines, verdicts, skipped, own, own_regions, agree = [], [], 0, 0, 0, []
     for rec, row in zip(records, res["prompts"]):
         src = out / "sampled" / row["plan-act"]["image"]
         with Image.open(src) as im:
@@ -328,8 +351,9 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
             except ParseError:
                 mine = None
             agree.append(mine is not None and mine.verdict == c.verdict)
-        worse = mine if mine is not None and mine.verdict != c.verdict else None  # parsed: no stray tags
+        worse = wrong_own_reflection(mine, c, draft.size[::-1])  # parsed: no stray tags
         own += worse is not None
+        own_regions += worse is not None and worse.verdict == c.verdict
         if worse is None:
             worse = flipped_reflection(StepRecord.from_dict(line, str(out / "records.jsonl"), len(lines), base_dir=out))
         line["rejected"] = step_to_dict(worse)
@@ -348,6 +372,7 @@ def self_critique(model, tokenizer, records: Sequence[Mapping], judge: Callable,
                "skipped": skipped, "records": len(lines),
                "corrections": sum(1 for r in lines if r["id"].endswith("#self-correct")),
                "plan_act_score": res["scores"]["plan-act"], "verdicts": verdicts, "rejected_own": own,
+               "rejected_own_regions": own_regions,
                "rejected_flipped": sum(1 for r in lines if "rejected" in r) - own,
                "own_verdict_accuracy": sum(agree) / len(agree) if agree else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -50,7 +50,8 @@ def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes
     assert summary["corrections"] == summary["revise"] == sum(r.id.endswith("#self-correct") for r in recs)
     assert all(r.supervise == ("reflect",) for r in reflect)
     # every reflection is a DPO pair: the model's own wrong reflection, else the judge's with its verdict flipped
-    assert all(r.rejected is not None and r.rejected.verdict != r.steps[-1].verdict for r in reflect)
+    assert all(r.rejected is not None and r.rejected != r.steps[-1] for r in reflect)
+    assert sum(r.rejected.verdict == r.steps[-1].verdict for r in reflect) == summary["rejected_own_regions"]
     assert summary["rejected_own"] + summary["rejected_flipped"] == 3 and 0 <= summary["own_verdict_accuracy"] <= 1
     from ftkit.train.datamodule import MCoTDataModule
 
@@ -62,6 +63,26 @@ def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes
     assert main(["data", "self-critique", "--model", str(fixture_dir), "--prompts", str(root / "records.jsonl"),
                  "--out", str(out)]) == 1  # not empty, no --overwrite
     assert "not empty" in capsys.readouterr().err
+
+
+def test_the_models_own_reflection_is_rejected_when_its_verdict_or_its_regions_are_wrong():
+    from ftkit.data.schema import ReflectStep, Region
+    from ftkit.infer.selfcritique import wrong_own_reflection
+
+    judge = Critique("revise", "Expected a red circle.", [{"kind": "missing", "label": "red circle",
+                                                           "box": [0, 0, 500, 500]}])
+    here = ReflectStep("revise", "no red circle", [Region((0, 0, 450, 500), "red circle", "missing")])
+    there = ReflectStep("revise", "no red circle", [Region((500, 500, 1000, 1000), "red circle", "missing")])
+    nowhere = ReflectStep("revise", "no red circle", [])
+    ok = ReflectStep("ok", "fine")
+    hw = (64, 64)
+    assert wrong_own_reflection(here, judge, hw) is None  # right verdict, IoU 0.9: a right critique
+    assert wrong_own_reflection(there, judge, hw) is there  # right verdict, the wrong place
+    assert wrong_own_reflection(nowhere, judge, hw) is nowhere  # flags nothing the judge flags
+    assert wrong_own_reflection(ok, judge, hw) is ok  # the other verdict
+    assert wrong_own_reflection(None, judge, hw) is None  # unparsed: the caller flips the judge's
+    assert wrong_own_reflection(ok, Critique("ok", "fine"), hw) is None
+    assert wrong_own_reflection(there, Critique("revise", "wrong, somewhere"), hw) is None  # no judge regions
 
 
 def test_custom_judge_can_skip(shapes, fixture_dir, tmp_path):
