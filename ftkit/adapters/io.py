@@ -41,7 +41,7 @@ from ftkit.adapters.attach import (
 from ftkit.adapters.config import AdapterConfig, AdapterConfigError, model_experts
 from ftkit.errors import FtkitError
 from ftkit.files import file_sha256
-from ftkit.models.folders import SAMPLING_FILE
+from ftkit.models.folders import SAMPLING_FILE, check_sampling
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -175,8 +175,6 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
     if cfg is not None and cfg.to_dict() != attached.to_dict():
         raise AdapterError("save_adapter: cfg differs from the config the model's adapters were attached with")
     if sampling:
-        from ftkit.infer.mcot import check_sampling
-
         sampling = check_sampling(sampling, f"{out_dir}: sampling")
     try:
         extra_json = json.loads(json.dumps(extra or {}))

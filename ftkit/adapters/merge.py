@@ -62,7 +62,7 @@ from ftkit.adapters.merge_common import (
     verification_text,
     write_errors,
 )
-from ftkit.models.folders import SAMPLING_FILE, SHARD_INDEX, ST_DTYPES, ST_TAGS
+from ftkit.models.folders import SAMPLING_FILE, SHARD_INDEX, ST_DTYPES, ST_TAGS, model_sampling
 
 WEIGHTS = "ema.safetensors"
 INDEX = SHARD_INDEX
@@ -496,8 +496,6 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torc
         names = [WEIGHTS] if not sharded else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
         copies = [f for f in OPTIONAL_FILES if (base / f).is_file()] + list(CONFIG_FILES)
-        from ftkit.infer.mcot import model_sampling
-
         sampling = model_sampling(base, adapter)  # the adapter's sampling.json over the base's (both validated)
         need = total + sum((base / f).stat().st_size for f in copies) + (1 << 20) * len(shards)
         require_free_space(out, need)

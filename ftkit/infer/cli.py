@@ -116,7 +116,8 @@ def _sampler(a: argparse.Namespace, *, with_threshold: bool = False):
     """The sampler settings of a run (and, ``with_threshold``, its revise threshold): each flag given, else
     the adapter folder's ``sampling.json``, else the model folder's (:func:`~ftkit.infer.mcot.read_sampling`),
     else the built-in default; the folders' are logged."""
-    from ftkit.infer.mcot import SamplerSettings, check_sampling, read_sampling
+    from ftkit.infer.mcot import SamplerSettings
+    from ftkit.models.folders import check_sampling, read_sampling
 
     given = {k: getattr(a, f, None) for k, f in FLAGS.items()}
     given = {k: tuple(v) if k == "cfg_interval" else v for k, v in given.items() if v is not None}

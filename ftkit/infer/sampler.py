@@ -61,9 +61,9 @@ from ftkit.infer.context import (
     vae_token_embeds,
 )
 from ftkit.models.bagel import timestep_schedule
+from ftkit.models.folders import RENORM_TYPES
 from ftkit.segments import Kind
 
-RENORM_TYPES = ("global", "channel", "text_channel")
 INPAINT_MODES = ("path", "clean")
 
 

@@ -27,7 +27,8 @@ from ftkit.models.config import BagelConfig, LLMConfig, ViTConfig, read_json_obj
 FOX_MODEL_TYPE = "ftkit-fox"
 FOX_FORMAT_VERSION = 1
 SHARD_INDEX = "model.safetensors.index.json"
-SAMPLING_FILE = "sampling.json"  # a folder's own sampler settings (ftkit.infer.mcot.SamplerSettings.for_model)
+SAMPLING_FILE = "sampling.json"  # a model / adapter folder's own sampler settings (read_sampling)
+RENORM_TYPES = ("global", "channel", "text_channel")  # the sampler's guidance renorms (ftkit.infer.sampler)
 FOLDER_HELP = ("expected a BAGEL release folder (llm_config.json, vit_config.json, ema.safetensors or "
                f"{SHARD_INDEX}, ae.safetensors, tokenizer files), a folder written by `ftkit merge`, or an ftkit "
                f"FoX folder (config.json with model_type '{FOX_MODEL_TYPE}')")
@@ -173,9 +174,79 @@ def read_model_config(path: str | os.PathLike) -> BagelConfig:
     return bagel_release_config(folder)
 
 
+# ----------------------------------------------------------------------------- sampling.json
+
+SAMPLER_KEYS = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
+                "cfg_renorm_type", "cfg_renorm_min")
+SAMPLING_KEYS = (*SAMPLER_KEYS, "revise_threshold")
+
+
+def check_sampling(d: object, where: str) -> dict:
+    """A validated copy of sampler settings ``d`` (``cfg_interval`` as a tuple).
+
+    Keys: :class:`ftkit.infer.mcot.SamplerSettings`' fields except the per-run ``cfg_plan_scale`` and ``inpaint``, and
+    :class:`ftkit.infer.mcot.TextSettings`' ``revise_threshold`` (the reflection gate an adapter was calibrated with).
+
+    Raises:
+        ValueError: naming ``where`` and the field, for an unknown key or a value out of range.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: must be a JSON object of sampler settings")
+    out = {}
+    for k, v in d.items():
+        bad = None
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        if k not in SAMPLING_KEYS:
+            bad = f"unknown sampler setting (known: {', '.join(SAMPLING_KEYS)})"
+        elif k == "num_timesteps":
+            bad = None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "must be an integer >= 1"
+        elif k == "cfg_interval":
+            ok = (isinstance(v, (list, tuple)) and len(v) == 2
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and 0 <= v[0] <= v[1] <= 1)
+            bad = None if ok else "must be [lo, hi] with 0 <= lo <= hi <= 1"
+        elif k == "cfg_renorm_type":
+            bad = None if v in RENORM_TYPES else f"must be one of {', '.join(RENORM_TYPES)}"
+        elif k == "revise_threshold":
+            bad = None if number and 0.5 <= v < 1.0 else "must be a number in [0.5, 1)"
+        elif not number or v < 0:
+            bad = "must be a number >= 0"
+        if bad:
+            raise ValueError(f"{where}: field {k!r}: {bad}, got {v!r}")
+        out[k] = (float(v[0]), float(v[1])) if k == "cfg_interval" else v
+    return out
+
+
+def read_sampling(folder: str | os.PathLike) -> dict:
+    """A model or adapter folder's ``sampling.json``, validated (:func:`check_sampling`); ``{}`` without one.
+
+    A folder's authors record there the settings its scores were measured with, as a transformers
+    checkpoint's ``generation_config.json`` does for text: e.g. ``{"cfg_text_scale": 8.0}`` for a backbone,
+    ``{"revise_threshold": 0.8}`` for an MCoT adapter (``ftkit fit`` writes a recipe's ``ftkit.sampling``).
+
+    Raises:
+        ValueError: naming the file (and the field), for bad JSON, an unknown key or a value out of range.
+    """
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from e
+    return check_sampling(d, str(path))
+
+
+def model_sampling(folder: str | os.PathLike, adapter: str | os.PathLike | None = None) -> dict:
+    """The sampling settings of a model folder with an adapter: the adapter folder's over the model's."""
+    return {**read_sampling(folder), **(read_sampling(adapter) if adapter is not None else {})}
+
+
 __all__ = [
     "DTYPES",
     "FOLDER_HELP",
+    "RENORM_TYPES",
+    "SAMPLER_KEYS",
+    "SAMPLING_KEYS",
     "FOX_FORMAT_VERSION",
     "FOX_MODEL_TYPE",
     "SAMPLING_FILE",
@@ -183,11 +254,14 @@ __all__ = [
     "ST_DTYPES",
     "ST_TAGS",
     "bagel_release_config",
+    "check_sampling",
     "detect_model_folder",
     "dtype_bytes",
     "fox_config",
     "is_fox_folder",
+    "model_sampling",
     "parse_dtype",
     "read_fox_meta",
     "read_model_config",
+    "read_sampling",
 ]

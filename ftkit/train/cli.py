@@ -100,7 +100,7 @@ def fit_main(argv: list[str]) -> int:
         lcfg.setdefault("model", {})["model_path"] = path
     check_weights(lcfg, recipe)
     if fcfg.get("sampling") is not None:  # refused before a run folder exists
-        from ftkit.infer.mcot import check_sampling
+        from ftkit.models.folders import check_sampling
 
         fcfg["sampling"] = check_sampling(fcfg["sampling"], f"{recipe_path}: ftkit.sampling")
     from ftkit.train.run import open_run, run_folder
