@@ -4,6 +4,7 @@ module only dispatches (no logic of its own)."""
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # verb -> (module, function taking argv list, one-line help)
@@ -31,6 +32,18 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def setup_logging() -> None:
+    """ftkit's own messages (where a run's settings came from, what it wrote) at INFO on stderr, prefixed
+    ``[ftkit]``; other libraries' loggers are left as they are (Lightning prints its own, once)."""
+    log = logging.getLogger("ftkit")
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("[ftkit] %(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         (module, func), rest = SUBVERBS[verb, rest[0]], rest[1:]
     from ftkit.errors import FtkitError
 
+    setup_logging()
     try:
         rc = getattr(importlib.import_module(module), func)(rest)
     except FtkitError as e:  # a user's mistake: one line, no traceback

@@ -124,13 +124,15 @@ def _sampler(a: argparse.Namespace, *, with_threshold: bool = False):
     for k, v in given.items():
         check_sampling({k: v}, f"--{FLAGS[k].replace('_', '-')}")
     folders = [Path(a.model)] + ([Path(a.adapter)] if getattr(a, "adapter", None) else [])
-    merged = {}
+    merged, source = {}, {}
     for folder in folders:
-        own = {k: v for k, v in read_sampling(folder).items() if k not in given}
+        for k, v in read_sampling(folder).items():
+            if k not in given:
+                merged[k], source[k] = v, folder
+    for folder in folders:  # each setting once, from where it is taken
+        own = [f"{k}={v}" for k, v in merged.items() if source[k] == folder]
         if own:
-            log.info("sampling settings from %s: %s (flags override)", folder / SAMPLING_FILE,
-                     ", ".join(f"{k}={v}" for k, v in own.items()))
-        merged.update(own)
+            log.info("sampling settings from %s: %s (flags override)", folder / SAMPLING_FILE, ", ".join(own))
     merged.update(given)
     threshold = merged.pop("revise_threshold", 0.5)
     s = SamplerSettings(**merged)

@@ -20,12 +20,6 @@ from ftkit.train.recipe import compose, find_recipe, split_ftkit
 log = logging.getLogger("ftkit")
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[ftkit] %(message)s")
-    logging.getLogger("ftkit").setLevel(logging.INFO)
-
-
 def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
@@ -78,7 +72,6 @@ def cpu_bf16_warning(precision: str, on_cpu: bool, native_bf16: bool | None = No
 
 
 def fit_main(argv: list[str]) -> int:
-    _setup_logging()
     ap = argparse.ArgumentParser(prog="ftkit fit", add_help=False)
     ap.add_argument("--config", required=False)
     ap.add_argument("--ckpt_path", "--ckpt-path", default=None)

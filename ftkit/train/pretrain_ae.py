@@ -225,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export", default=None, help="write ae.safetensors + ae_config.json here afterwards")
     p.add_argument("--eval", type=int, default=0, help="evaluator agreement on N records of seed 1 afterwards")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
     mult = (1,) + (2,) * (a.levels - 1)
     recipe = AERecipe(ch=a.ch, ch_mult=mult, batch=a.batch, lr=a.lr, seed=a.seed, decoder_only=a.decoder_only)
     summary = train(a.run, recipe, minutes=a.minutes, max_steps=a.max_steps, ckpt_minutes=a.ckpt_minutes, init=a.init)

@@ -201,7 +201,7 @@ def test_model_folder_sampling_json_sets_the_sampler_defaults(env, tmp_path, cap
         assert rc == 1 and "sampling.json" in err and repr(field) in err and len(err.splitlines()) == 1, err
 
 
-def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(env, tmp_path, capsys):
+def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(env, tmp_path, capsys, caplog):
     """An adapter folder's sampling.json (its calibrated revise threshold, written by ftkit fit from the recipe)
     overrides the model folder's; flags override both; a bad value names the adapter's file and the field."""
     model, adapter = tmp_path / "model", tmp_path / "adapter"
@@ -217,8 +217,13 @@ def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(e
     assert settings() == (SamplerSettings(), 0.5)  # neither folder says anything: the built-in defaults
     (model / "sampling.json").write_text(json.dumps({"cfg_text_scale": 8.0, "num_timesteps": 20}))
     (adapter / "sampling.json").write_text(json.dumps({"revise_threshold": 0.8, "cfg_text_scale": 6.0}))
+    caplog.set_level("INFO", logger="ftkit")
     sampler, threshold = settings()
     assert (sampler.cfg_text_scale, sampler.num_timesteps, threshold) == (6.0, 20, 0.8)
+    said = [r.getMessage() for r in caplog.records if "sampling settings from" in r.getMessage()]
+    assert said == [f"sampling settings from {model / 'sampling.json'}: num_timesteps=20 (flags override)",
+                    f"sampling settings from {adapter / 'sampling.json'}: cfg_text_scale=6.0, revise_threshold=0.8 "
+                    "(flags override)"], said  # each setting named once, where it is taken from
     sampler, threshold = settings("--revise-threshold", "0.6", "--cfg-text", "2")
     assert (sampler.cfg_text_scale, sampler.num_timesteps, threshold) == (2.0, 20, 0.6)
     for flags, name in ((["--revise-threshold", "0.3"], "--revise-threshold"), (["--cfg-interval", "0.9", "0.1"],
