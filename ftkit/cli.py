@@ -32,12 +32,25 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message (not as it was when the handler was made: a caller
+    such as pytest may swap and close it between ``ftkit`` calls in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     """ftkit's own messages (where a run's settings came from, what it wrote) at INFO on stderr, prefixed
     ``[ftkit]``; other libraries' loggers are left as they are (Lightning prints its own, once)."""
     log = logging.getLogger("ftkit")
     if not log.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("[ftkit] %(message)s"))
         log.addHandler(h)
         log.propagate = False

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ftkit.cli import setup_logging
 from ftkit.data.geneval import GENEVAL_TAGS, Detection, Detector
 from ftkit.infer.cli import _settings, build_generate_parser, eval_main, generate_main
 from ftkit.infer.evaluate import balanced_subset, category_scores, evaluate_shapes, results_table
@@ -197,11 +198,11 @@ def test_model_folder_sampling_json_sets_the_sampler_defaults(env, tmp_path, cap
                        ({"num_timesteps": 2.5}, "num_timesteps"), ({"guidance": 4}, "guidance")):
         (folder / "sampling.json").write_text(json.dumps(bad))
         rc = generate_main(["--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "d"), "--mode", "t2i"])
-        err = capsys.readouterr().err.strip()
+        err = "\n".join(ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("[ftkit] "))  # info
         assert rc == 1 and "sampling.json" in err and repr(field) in err and len(err.splitlines()) == 1, err
 
 
-def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(env, tmp_path, capsys, caplog):
+def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(env, tmp_path, capsys):
     """An adapter folder's sampling.json (its calibrated revise threshold, written by ftkit fit from the recipe)
     overrides the model folder's; flags override both; a bad value names the adapter's file and the field."""
     model, adapter = tmp_path / "model", tmp_path / "adapter"
@@ -217,13 +218,14 @@ def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(e
     assert settings() == (SamplerSettings(), 0.5)  # neither folder says anything: the built-in defaults
     (model / "sampling.json").write_text(json.dumps({"cfg_text_scale": 8.0, "num_timesteps": 20}))
     (adapter / "sampling.json").write_text(json.dumps({"revise_threshold": 0.8, "cfg_text_scale": 6.0}))
-    caplog.set_level("INFO", logger="ftkit")
+    setup_logging()  # as every `ftkit` verb does: its lines on stderr
+    capsys.readouterr()
     sampler, threshold = settings()
     assert (sampler.cfg_text_scale, sampler.num_timesteps, threshold) == (6.0, 20, 0.8)
-    said = [r.getMessage() for r in caplog.records if "sampling settings from" in r.getMessage()]
-    assert said == [f"sampling settings from {model / 'sampling.json'}: num_timesteps=20 (flags override)",
-                    f"sampling settings from {adapter / 'sampling.json'}: cfg_text_scale=6.0, revise_threshold=0.8 "
-                    "(flags override)"], said  # each setting named once, where it is taken from
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "sampling settings from" in ln]
+    assert said == [f"[ftkit] sampling settings from {model / 'sampling.json'}: num_timesteps=20 (flags override)",
+                    f"[ftkit] sampling settings from {adapter / 'sampling.json'}: cfg_text_scale=6.0, "
+                    "revise_threshold=0.8 (flags override)"], said  # each setting named once, where it is taken from
     sampler, threshold = settings("--revise-threshold", "0.6", "--cfg-text", "2")
     assert (sampler.cfg_text_scale, sampler.num_timesteps, threshold) == (2.0, 20, 0.6)
     for flags, name in ((["--revise-threshold", "0.3"], "--revise-threshold"), (["--cfg-interval", "0.9", "0.1"],
@@ -234,7 +236,7 @@ def test_adapter_sampling_json_sets_the_revise_threshold_over_the_model_folder(e
     (adapter / "sampling.json").write_text(json.dumps({"revise_threshold": 1.0}))
     rc = generate_main(["--model", str(model), "--adapter", str(adapter), "--prompt", "x", "--out",
                         str(tmp_path / "d"), "--mode", "mcot"])
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("[ftkit] ")).strip()
     assert rc == 1 and str(adapter / "sampling.json") in err and "'revise_threshold'" in err, err
     assert len(err.splitlines()) == 1 and not (tmp_path / "d").exists()
 
