@@ -162,7 +162,7 @@ def save_adapter(model: nn.Module, cfg: AdapterConfig | None, out_dir: str | Pat
         base_path: the base model folder it was trained on (recorded, used by ``ftkit merge``).
         extra: JSON-serialisable run information (recipe, data, metrics, ...), recorded verbatim.
         sampling: the settings to generate with (e.g. ``{"revise_threshold": 0.8}``), written as the folder's
-            ``sampling.json`` (:func:`ftkit.infer.mcot.read_sampling`); validated.
+            ``sampling.json`` (:func:`ftkit.models.folders.read_sampling`); validated.
         overwrite: replace an existing ``out_dir``.
 
     Raises:

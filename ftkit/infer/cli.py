@@ -96,7 +96,7 @@ def _settings(a: argparse.Namespace):
         hw = (a.size[0], a.size[0]) if len(a.size) == 1 else (a.size[0], a.size[1])
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    sampler, threshold = _sampler(a, with_threshold=True)
+    sampler, threshold = _sampler(a)
     inpaint = a.inpaint
     if inpaint == "auto":
         from ftkit.infer.load import adapter_inpaint
@@ -112,10 +112,10 @@ FLAGS = {"num_timesteps": "steps", "timestep_shift": "shift", "cfg_text_scale": 
          "cfg_interval": "cfg_interval", "cfg_renorm_type": "cfg_renorm", "revise_threshold": "revise_threshold"}
 
 
-def _sampler(a: argparse.Namespace, *, with_threshold: bool = False):
-    """The sampler settings of a run (and, ``with_threshold``, its revise threshold): each flag given, else
-    the adapter folder's ``sampling.json``, else the model folder's (:func:`~ftkit.infer.mcot.read_sampling`),
-    else the built-in default; the folders' are logged."""
+def _sampler(a: argparse.Namespace):
+    """``(sampler settings, revise threshold)`` of a run: each flag given, else the adapter folder's
+    ``sampling.json``, else the model folder's (:func:`~ftkit.models.folders.read_sampling`), else the built-in
+    default; the folders' are logged."""
     from ftkit.infer.mcot import SamplerSettings
     from ftkit.models.folders import check_sampling, read_sampling
 
@@ -135,8 +135,7 @@ def _sampler(a: argparse.Namespace, *, with_threshold: bool = False):
             log.info("sampling settings from %s: %s (flags override)", folder / SAMPLING_FILE, ", ".join(own))
     merged.update(given)
     threshold = merged.pop("revise_threshold", 0.5)
-    s = SamplerSettings(**merged)
-    return (s, threshold) if with_threshold else s
+    return SamplerSettings(**merged), threshold
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -462,7 +461,7 @@ def self_critique_main(argv: list[str]) -> int:
         check_finite(model, a.adapter or a.model)
         with atomic_dir(out, overwrite=True) as tmp:
             s = self_critique(model, tok, records, judge, tmp, batch_size=a.batch, image_hw=(a.size, a.size),
-                              sampler=_sampler(a), seed=a.seed, progress=not a.no_progress,
+                              sampler=_sampler(a)[0], seed=a.seed, progress=not a.no_progress,
                               rejected=a.rejected)
     except _errors() as e:
         print(f"ftkit data self-critique: error: {_fmt_err(e)}", file=sys.stderr)
