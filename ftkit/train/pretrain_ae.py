@@ -15,7 +15,9 @@ about unit-variance), which :func:`ftkit.models.vae.load_ae` and ``load_bagel`` 
 
 ``decoder_only`` continues an exported autoencoder (``init``: its folder) with the encoder frozen: only
 ``D`` learns, so the latent space, and the shift / scale fitted from the encoder, stay exactly those a
-backbone was pretrained on, while reconstructions (and that backbone's samples) sharpen.
+backbone was pretrained on, while reconstructions (and that backbone's samples) sharpen. Its run keeps the
+``init`` folder's ``shift_factor`` / ``scale_factor`` (``state.pt``'s ``latent``) and ``export`` writes those
+rather than refitting them, so a continuation with another ``seed`` (fresh scenes) keeps them too.
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def _save_atomic(obj, path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def _init_from(ae: torch.nn.Module, recipe: AERecipe, folder: str | Path) -> None:
+def _init_from(ae: torch.nn.Module, recipe: AERecipe, folder: str | Path) -> dict:
     """Load an exported autoencoder (``folder/ae.safetensors`` + ``ae_config.json``) into ``ae``; its shape
-    must be the recipe's."""
+    must be the recipe's. Returns its latent statistics ``{"shift": .., "scale": ..}``."""
     from ftkit.errors import FtkitError
     from ftkit.models.vae import AEConfig, load_ae
 
@@ -84,6 +86,7 @@ def _init_from(ae: torch.nn.Module, recipe: AERecipe, folder: str | Path) -> Non
         raise FtkitError(f"{folder / 'ae_config.json'}: shape {[getattr(cfg, k) for k in shape]} differs from the "
                          f"recipe's {[getattr(mine, k) for k in shape]} ({', '.join(shape)})")
     ae.load_state_dict(load_ae(folder / "ae.safetensors", cfg, freeze=False).autoencoder.state_dict())
+    return {"shift": cfg.shift_factor, "scale": cfg.scale_factor}
 
 
 def _recipe_of(state: dict) -> dict:
@@ -111,9 +114,10 @@ def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int =
     if recipe.decoder_only:
         ae.encoder.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=0.0)
-    step, seconds, loss_ema = 0, 0.0, None
+    step, seconds, loss_ema, latent = 0, 0.0, None, None
     if not state_path.is_file() and init is not None:
-        _init_from(ae, recipe, init)
+        stats = _init_from(ae, recipe, init)
+        latent = stats if recipe.decoder_only else None  # the encoder stays: so do its latents' statistics
         log.info("new run %s from %s%s", run, init, " (decoder only)" if recipe.decoder_only else "")
     if state_path.is_file():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -121,7 +125,7 @@ def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int =
             raise FtkitError(f"{state_path}: recipe differs from the run's ({st['recipe']}); use another run folder")
         ae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        step, seconds, loss_ema = st["step"], st["seconds"], st["loss"]
+        step, seconds, loss_ema, latent = st["step"], st["seconds"], st["loss"], st.get("latent")
         log.info("resuming %s at step %d (%.0f s trained)", run, step, seconds)
     ae.train()
     t0 = last_ckpt = time.monotonic()
@@ -129,7 +133,7 @@ def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int =
 
     def save() -> None:
         _save_atomic({"recipe": asdict(recipe), "model": ae.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "seconds": seconds, "loss": loss_ema}, state_path)
+                      "seconds": seconds, "loss": loss_ema, "latent": latent}, state_path)
 
     while (not max_steps or step < max_steps) and time.monotonic() - t0 < minutes * 60:
         x = shapes_batch(recipe.batch, recipe.size, recipe.seed, step)
@@ -155,15 +159,19 @@ def train(run: str | Path, recipe: AERecipe, *, minutes: float, max_steps: int =
 
 
 def load_run(run: str | Path) -> tuple[FluxAE, AERecipe, dict]:
-    """The run's autoencoder as a :class:`FluxAE` with latent statistics fitted (eval mode), its recipe and state."""
+    """The run's autoencoder as a :class:`FluxAE` (eval mode), its recipe and state. Latent statistics: those a
+    decoder-only run inherited from its ``init`` folder, else fitted to 256 scenes of seed ``recipe.seed + 10000``."""
     st = torch.load(Path(run) / "state.pt", map_location="cpu", weights_only=True)
     recipe = AERecipe(**_recipe_of(st))
     ae = build_autoencoder(recipe.ae_config())
     ae.load_state_dict(st["model"])
     ae.eval().requires_grad_(False)
-    with torch.no_grad():
-        mu = ae.encoder(shapes_batch(256, recipe.size, recipe.seed + 10_000, 0)).chunk(2, dim=1)[0]
-    shift, scale = float(mu.mean()), float(1.0 / mu.std())
+    if st.get("latent"):
+        shift, scale = st["latent"]["shift"], st["latent"]["scale"]
+    else:
+        with torch.no_grad():
+            mu = ae.encoder(shapes_batch(256, recipe.size, recipe.seed + 10_000, 0)).chunk(2, dim=1)[0]
+        shift, scale = float(mu.mean()), float(1.0 / mu.std())
     return FluxAE(ae, recipe.ae_config(scale=scale, shift=shift)), recipe, st
 
 
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-only", action="store_true",
                    help="train the decoder only (encoder frozen: the latent space a backbone was trained on is kept)")
     p.add_argument("--export", default=None, help="write ae.safetensors + ae_config.json here afterwards")
-    p.add_argument("--eval", type=int, default=0, help="evaluator agreement on N records of seed 1 afterwards")
+    p.add_argument("--eval", type=int, default=0, help="evaluator agreement on N records afterwards")
+    p.add_argument("--eval-seed", type=int, default=1, help="the records' seed (1: the evaluator's; 1011: held out)")
     a = p.parse_args(argv)
     mult = (1,) + (2,) * (a.levels - 1)
     recipe = AERecipe(ch=a.ch, ch_mult=mult, batch=a.batch, lr=a.lr, seed=a.seed, decoder_only=a.decoder_only)
@@ -231,6 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.export:
         export(a.run, a.export)
     if a.eval:
-        summary["eval"] = agreement(load_run(a.run)[0], n=a.eval)
+        summary["eval"] = agreement(load_run(a.run)[0], n=a.eval, seed=a.eval_seed)
     print(json.dumps(summary))
     return 0
