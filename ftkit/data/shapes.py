@@ -186,6 +186,36 @@ def render(scene: Scene, size: int | None = None, objects: list[Shape] | None = 
     return Image.fromarray(arr, mode="RGB")
 
 
+def render_plan(plan, size: int = 64) -> Image.Image:
+    """A plan (:class:`ftkit.data.schema.PlanStep`) drawn as the shapes world would draw it: each box, label
+    ``"COLOR CLASS"``, box ``[x0, y0, x1, y1]`` in 0..1000 (a scene's plan box is its shape's tight box),
+    becomes its shape with the cell side whose tight box fits the box best, placed on it; the background is
+    the one the caption names (``On a light grey background``), else white. A scene's own plan gives back
+    the scene's image.
+
+    What a plan *says*, as a picture the evaluator can judge: a plan whose picture fails the prompt is a
+    planning error, whatever the image drawn from it shows.
+
+    Raises:
+        ValueError: a label that is not a known colour and class (names the label).
+    """
+    objects = []
+    for b in plan.boxes:
+        label, box = b.label, b.box
+        words = label.split()
+        if len(words) != 2 or words[0] not in COLORS or words[1] not in CLASSES:
+            raise ValueError(f"plan box {label!r}: not 'COLOR CLASS' of the shapes world")
+        color, cls = words
+        x0, y0, x1, y1 = (round(c * size / 1000) for c in box)
+        want = max(1, x1 - x0, y1 - y0)
+        tight = {d: Shape(cls, color, 0, 0, d).box_px() for d in range(max(1, want - 2), min(size, want + 3) + 1)}
+        d = min(tight, key=lambda d: abs(max(tight[d][2] - tight[d][0], tight[d][3] - tight[d][1]) - want))
+        c0, r0 = tight[d][:2]  # the mask's first column and row inside its cell
+        objects.append(Shape(cls, color, min(max(0, x0 - c0), size - d), min(max(0, y0 - r0), size - d), d))
+    background = next((g for g in BACKGROUNDS if f"on a {g} background" in plan.caption.lower()), "white")
+    return render(Scene("", "", [], [], objects, background, size))
+
+
 # ------------------------------------------------------------------------------------------- layout
 def _pick(rng: np.random.Generator, seq):
     return seq[int(rng.integers(len(seq)))]

@@ -6,7 +6,9 @@
 ``mcot-oracle`` (the evaluator's verdict and failed regions in place of the model's reflection: what the correction
 alone can repair) and ``plan-guided`` (GoT's plan guidance) -- from the same starting noises, batched through
 the sampler, and reports the scores by GenEval's rules (:mod:`ftkit.infer.evaluate`), the paired
-differences with category-stratified bootstrap intervals, the reflection's quality and seconds per prompt.
+differences with category-stratified bootstrap intervals, the reflection's quality, the plans' quality (a plan
+is right when its boxes, drawn by the shapes renderer, pass the evaluator: which failures start in the plan and
+which in the drawing) and seconds per prompt.
 
 Read top to bottom: the constants, the held-out prompts (:func:`ablation_records`), the statistics
 (:func:`paired_bootstrap`) and region helpers, a batch's state (:class:`_Batch`), the stages
@@ -35,6 +37,7 @@ from ftkit.adapters.attach import adapters_disabled, adapters_merged, has_adapte
 from ftkit.data.geneval import GENEVAL_TAGS, Detector, default_detector, judge_image
 from ftkit.data.schema import PlanStep, ReflectStep
 from ftkit.data.serialize import ParseError, parse_plan, parse_reflection, serialize_reflection
+from ftkit.data.shapes import render_plan
 from ftkit.files import atomic_write
 from ftkit.infer.context import GuidanceContexts
 from ftkit.infer.evaluate import (
@@ -113,6 +116,19 @@ def paired_bootstrap(a: Sequence[bool], b: Sequence[bool], tags: Sequence[str], 
     out["overall"] = {"diff": float(np.mean([out[t]["diff"] for t in order])), "lo": float(np.percentile(ov, 2.5)),
                       "hi": float(np.percentile(ov, 97.5))}
     return out
+
+
+def plan_right(plan: PlanStep | None, meta, size: int, detector=None, color_fn=None) -> bool:
+    """Whether a plan itself satisfies the prompt of ``meta``: its boxes drawn by the shapes world's renderer
+    (:func:`ftkit.data.shapes.render_plan`, ``size`` px) pass the evaluator. False for no plan (unparsed) or a
+    box label that is no shape of that world."""
+    if plan is None:
+        return False
+    try:
+        picture = render_plan(plan, size)
+    except ValueError:
+        return False
+    return judge_image(picture, meta, detector, color_fn).passed
 
 
 def region_token_mask(boxes: Sequence[Sequence[int]], grid: tuple[int, int]) -> torch.Tensor:
@@ -405,6 +421,12 @@ class _Ablation:
         return final
 
     # ---------------------------------------------------------------- judging
+    def plan_right(self, plan: PlanStep | None, meta, where: str) -> bool:
+        try:
+            return plan_right(plan, meta, self.hw[0], self.detector, self.color_fn)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+
     def row(self, bt: _Batch, k: int, modes: Sequence[str], need: set[str], out: Path | None, seed: int) -> dict:
         """Prompt ``k`` of the batch judged in every mode (images saved under ``out``), with its plan and the
         reflection's quality on its draft."""
@@ -421,7 +443,7 @@ class _Ablation:
                 row[m]["image"] = f"images/{m}/{stem}.png"
         if "plan" in need:
             ptxt, pl = bt.plans[k]
-            row["plan"] = {"text": ptxt, "parsed": pl is not None}
+            row["plan"] = {"text": ptxt, "parsed": pl is not None, "right": self.plan_right(pl, meta, where)}
         if "reflect" in need:
             s = bt.said[k]
             dj = self.judge(bt.imgs["plan-act"][k], meta, where)
@@ -564,6 +586,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
     diffs = {f"{a} - {b}": paired_bootstrap(passes[a], passes[b], tags, n_boot, seed)
              for a, b in DIFFERENCES if a in modes and b in modes}
     reflection = _reflection_quality(rows, modes) if "reflect" in need else None
+    plans = _plan_quality(rows, modes) if "plan" in need else None
     if reflection is not None and "mcot" in modes and rounds == 2:
         reflection["threshold_sweep"] = threshold_sweep(rows, run.ts.revise_threshold, n_boot=n_boot, seed=seed)
     if "mcot-oracle" in modes:  # what the correction repairs when the critic is right
@@ -576,7 +599,7 @@ def run_ablation(model, tokenizer, records: Sequence, *, modes: Sequence[str] = 
         counts[t] = counts.get(t, 0) + 1
     res = {
         **(info or {}), "n": n, "modes": list(modes), "counts": counts, "scores": scores, "differences": diffs,
-        "reflection": reflection, **({"oracle": oracle} if "mcot-oracle" in modes else {}),
+        "reflection": reflection, "plans": plans, **({"oracle": oracle} if "mcot-oracle" in modes else {}),
         "seconds_per_prompt": per_prompt,
         "stage_seconds": {s: round(v, 3) for s, v in run.secs.items() if s in need},
         "adapter_attached": adapted,
@@ -626,6 +649,27 @@ def threshold_sweep(rows: Sequence[dict], run_threshold: float, thresholds: Sequ
                     "fixed": sum(1 for r, c, f in zip(rows, sent, truth) if c and f and r["mcot"]["passed"]),
                     "broken": sum(1 for r, c, f in zip(rows, sent, truth) if c and not f and not r["mcot"]["passed"]),
                     "verdict_accuracy": float(np.mean([p and c == f for p, c, f in zip(parsed, sent, truth)]))})
+    return out
+
+
+PLANNED_MODES = ("plan-act", "mcot", "mcot-verify", "mcot-regen", "mcot-oracle", "plan-guided")
+
+
+def _plan_quality(rows: Sequence[dict], modes: Sequence[str]) -> dict:
+    """How often the model's plan itself satisfies the prompt (``right``: per category, its boxes drawn by the
+    shapes renderer pass the evaluator), and per plan-conditioned mode the pass rate of its images under a
+    right and under a wrong plan: a failure under a right plan is the drawing's, one under a wrong plan
+    starts in the plan."""
+    tags = [r["tag"] for r in rows]
+    right = [r["plan"]["right"] for r in rows]
+    out: dict = {"parsed": float(np.mean([r["plan"]["parsed"] for r in rows])),
+                 "right": category_scores(_by_tag(right, tags)), "n_right": sum(right), "images": {}}
+    for m in (m for m in PLANNED_MODES if m in modes):
+        given = {}
+        for want, name in ((True, "right"), (False, "wrong")):
+            ps = [r[m]["passed"] for r, ok in zip(rows, right) if ok == want]
+            given[name] = float(np.mean(ps)) if ps else None
+        out["images"][m] = given
     return out
 
 
@@ -734,6 +778,10 @@ def _corrections_sheet(items, grid, cell: int = 128):
     return sheet
 
 
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def ablation_markdown(res: dict) -> str:
     """The ablation's report: scores per mode and category, the paired differences with bootstrap 95%
     intervals, reflection quality, seconds per prompt and settings."""
@@ -790,6 +838,16 @@ def ablation_markdown(res: dict) -> str:
             lines.append(f"- mcot-verify kept the correction for {r['verify_kept']['correction']} prompt(s), the "
                          f"draft for {r['verify_kept']['draft']} (its reflection on the correction said `revise`)")
         lines.append("")
+    p = res.get("plans")
+    if p:
+        cols = [c for c in (*GENEVAL_TAGS, "overall") if p["right"].get(c) is not None]
+        lines += [f"Plans (parsed {p['parsed']:.3f}): a plan is right when its boxes, drawn by the shapes renderer, "
+                  "pass the evaluator; each planned mode's pass rate given a right / a wrong plan:", "",
+                  "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+                  "| plan right | " + " | ".join(f"{p['right'][c]:.3f}" for c in cols) + " |", ""]
+        lines += [f"- {m}: {_rate(g['right'])} of the {p['n_right']} prompts with a right plan pass, "
+                  f"{_rate(g['wrong'])} of the {res['n'] - p['n_right']} with a wrong one" for m, g in p["images"].items()]
+        lines.append("")
     o = res.get("oracle")
     if o:
         lines += [f"mcot-oracle (the evaluator's verdict and regions as the reflection): fixed {o['fixed']} of the "
@@ -803,5 +861,6 @@ def ablation_markdown(res: dict) -> str:
 
 
 __all__ = ["ABLATION_MODES", "ABLATION_N", "ABLATION_SEED", "ALL_ABLATION_MODES", "DIFFERENCES", "PLAN_GUIDANCE_SCALE",
-           "ablation_markdown", "ablation_records", "flagged_tokens", "paired_bootstrap", "region_token_mask",
+           "PLANNED_MODES", "ablation_markdown", "ablation_records", "flagged_tokens", "paired_bootstrap", "plan_right",
+           "region_token_mask",
            "run_ablation", "threshold_sweep"]

@@ -11,12 +11,14 @@ import torch
 
 from ftkit.adapters.attach import adapters_disabled, attach_adapters
 from ftkit.adapters.config import AdapterConfig
-from ftkit.data.schema import ReflectStep, Region
+from ftkit.data.schema import PlanStep, ReflectStep, Region
 from ftkit.infer.ablation import (
     ALL_ABLATION_MODES,
+    PLANNED_MODES,
     ablation_records,
     flagged_tokens,
     paired_bootstrap,
+    plan_right,
     region_token_mask,
     run_ablation,
     threshold_sweep,
@@ -246,6 +248,11 @@ def test_ablation_end_to_end(fixture_dir, tmp_path):
         assert not np.array_equal(img["mcot-oracle"][k], img["plan-act"][k])
         assert np.abs(img["mcot-oracle"][k][far].astype(int) - img["plan-act"][k][far].astype(int)).mean() < d_re / 2
     assert "mcot-oracle (the evaluator's verdict" in (tmp_path / "out" / "ablation.md").read_text()
+    # the scripted plans name no shape of the world: none is right, so every planned image's rate is under a wrong plan
+    assert [r["plan"]["right"] for r in res["prompts"]] == [False] * 4 and res["plans"]["n_right"] == 0
+    assert res["plans"]["right"]["overall"] == 0.0 and set(res["plans"]["images"]) == set(PLANNED_MODES)
+    assert all(g["right"] is None and g["wrong"] == 0.0 for g in res["plans"]["images"].values())
+    assert "Plans (parsed 1.000)" in (tmp_path / "out" / "ablation.md").read_text()
     # plan guidance (scale 2 against text scale 4) changes the image drawn from the same plan and noise
     assert res["settings"]["sampler"]["cfg_plan_scale"] == 2.0
     assert any(not np.array_equal(a, b) for a, b in zip(img["plan-guided"], img["plan-act"]))
@@ -460,3 +467,24 @@ def test_revise_probability_reads_the_verdict_token(mt):
     assert acted_verdict("revise", 0.75, 0.5) == "revise" and acted_verdict("revise", 0.75, 0.8) == "ok"
     assert acted_verdict("revise", None, 0.9) == "revise" and acted_verdict("ok", 0.9, 0.5) == "ok"
     assert acted_verdict(None, 0.1, 0.5) == "revise"  # unparseable: the loop must do something
+
+
+def test_plan_right_judges_what_the_plan_says():
+    from ftkit.data.schema import Box
+    from ftkit.data.shapes import make_record, render_plan
+
+    for i in range(1, 13):  # every category twice: a scene's own plan draws back the scene, and it is right
+        rec, images = make_record(i, 3, 64, kind="ok")
+        p = rec["steps"][0]
+        plan = PlanStep(p["caption"], [Box(b["label"], tuple(b["box"])) for b in p["boxes"]])
+        assert np.array_equal(np.asarray(render_plan(plan, 64)), np.asarray(images[rec["steps"][1]["image"]]))
+        assert plan_right(plan, rec["meta"], 64)
+        if rec["meta"]["tag"] == "position":  # the two objects' boxes swapped: the relation turns round
+            swapped = PlanStep(plan.caption, [Box(a.label, b.box) for a, b in zip(plan.boxes, plan.boxes[::-1])])
+            assert not plan_right(swapped, rec["meta"], 64)
+        if rec["meta"]["tag"] == "two_object":  # one object left out of the plan
+            assert not plan_right(PlanStep(plan.caption, plan.boxes[:1]), rec["meta"], 64)
+    assert not plan_right(None, rec["meta"], 64)  # unparsed
+    assert not plan_right(PlanStep("", [Box("circle square", (0, 0, 500, 500))]), rec["meta"], 64)
+    with pytest.raises(ValueError, match="'circle square'"):
+        render_plan(PlanStep("", [Box("circle square", (0, 0, 500, 500))]))
