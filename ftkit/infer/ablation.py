@@ -422,6 +422,7 @@ class _Ablation:
 
     # ---------------------------------------------------------------- judging
     def plan_right(self, plan: PlanStep | None, meta, where: str) -> bool:
+        """:func:`plan_right` with this run's detector, naming the record if judging fails."""
         try:
             return plan_right(plan, meta, self.hw[0], self.detector, self.color_fn)
         except ValueError as e:
@@ -784,7 +785,7 @@ def _rate(x: float | None) -> str:
 
 def ablation_markdown(res: dict) -> str:
     """The ablation's report: scores per mode and category, the paired differences with bootstrap 95%
-    intervals, reflection quality, seconds per prompt and settings."""
+    intervals, reflection quality, plan quality, seconds per prompt and settings."""
     s = res["settings"]
     sm = s["sampler"]
     lines = ["# Shapes-world ablation (GenEval rules)", ""]
@@ -862,5 +863,4 @@ def ablation_markdown(res: dict) -> str:
 
 __all__ = ["ABLATION_MODES", "ABLATION_N", "ABLATION_SEED", "ALL_ABLATION_MODES", "DIFFERENCES", "PLAN_GUIDANCE_SCALE",
            "PLANNED_MODES", "ablation_markdown", "ablation_records", "flagged_tokens", "paired_bootstrap", "plan_right",
-           "region_token_mask",
-           "run_ablation", "threshold_sweep"]
+           "region_token_mask", "run_ablation", "threshold_sweep"]
