@@ -653,7 +653,7 @@ def threshold_sweep(rows: Sequence[dict], run_threshold: float, thresholds: Sequ
     return out
 
 
-PLANNED_MODES = ("plan-act", "mcot", "mcot-verify", "mcot-regen", "mcot-oracle", "plan-guided")
+PLANNED_MODES = tuple(m for m, stages in _STAGES.items() if "plan" in stages)  # the modes that draw from a plan
 
 
 def _plan_quality(rows: Sequence[dict], modes: Sequence[str]) -> dict:
