@@ -60,7 +60,7 @@ from ftkit.infer.mcot import (
     revise_probability,
 )
 from ftkit.infer.sampler import GeneratedText, decode_image, generate_images, generate_texts, latent_grid
-from ftkit.infer.selfcritique import shapes_judge
+from ftkit.infer.selfcritique import conflict_regions, shapes_judge
 
 ABLATION_MODES = ("base", "t2i", "t2i-twice", "plan-act", "mcot")
 ALL_ABLATION_MODES = (*ABLATION_MODES, "mcot-verify", "mcot-regen", "mcot-oracle", "plan-guided")
@@ -451,13 +451,7 @@ class _Ablation:
             flagged = [list(g.box) for g in s.parsed.regions] if s.parsed is not None else []
             iou = None
             if not dj.passed and s.verdict == "revise" and flagged:
-                fail_m = np.zeros(self.hw, dtype=bool)
-                for d in dj.failed:
-                    x0, y0, x1, y1 = d.box
-                    fail_m[int(y0):int(y1), int(x0):int(x1)] = True
-                pl = bt.plans[k][1]
-                miss_boxes = [b.box for c in dj.missing for b in (pl.boxes if pl else []) if c in b.label]
-                fail_m |= _box_mask(miss_boxes, self.hw)
+                fail_m = _box_mask([g["box"] for g in conflict_regions(dj, bt.plans[k][1], self.hw)], self.hw)
                 if fail_m.any():
                     iou = _iou(_box_mask(flagged, self.hw), fail_m)
             if "mcot" in modes:

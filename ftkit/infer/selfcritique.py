@@ -18,8 +18,8 @@ records (FoX's separate tasks), ready for a second round of training:
 A judge is a callable ``judge(image, record, plan) -> Critique | None`` (``plan`` the parsed
 :class:`~ftkit.data.schema.PlanStep` or ``None``); ``None`` skips the prompt. :func:`shapes_judge` is the
 shapes world's: GenEval's rules (:func:`~ftkit.data.geneval.judge_image`) decide; each failed rule becomes
-a sentence of the critique and a region (kind from the prompt's GenEval category; the detection's box,
-or for a missing object the model's own plan box of it, else the whole image); the target is the
+a sentence of the critique and its regions (:func:`conflict_regions`: the failed detection's box, kind
+from the prompt's GenEval category; for a missing object the model's own plan boxes of it); the target is the
 record's correct image (its last image step: a shapes record's refinement, or its draft when correct;
 mode ``regenerate``), or with ``target="edit"`` the draft itself repaired where the rules fail
 (:func:`repair_draft`; mode ``inpaint``, the regions then the edited boxes).
@@ -210,6 +210,19 @@ def repair_draft(image: Image.Image, meta: Mapping, plan: PlanStep | None = None
     return Image.fromarray(arr, mode="RGB"), edits
 
 
+def conflict_regions(j, plan: PlanStep | None, hw: tuple[int, int], kind: str = "attribute") -> list[dict]:
+    """Where a failed judgement ``j`` (:func:`~ftkit.data.geneval.judge_image` on an ``hw`` image) puts the
+    conflict, as reflection regions (boxes in [0, ``BOX_MAX``]): each failed detection's box (``kind``), and
+    for each missing class each box of the model's own ``plan`` whose label names it (kind ``missing``). A
+    missing object the plan did not place has no region: nothing in the image shows where it belongs. The
+    shapes judge writes these regions and the ablation's region IoU measures a reflection against them."""
+    regions = [{"kind": kind, "label": _label(d), "box": _norm_box(d.box, hw)} for d in j.failed]
+    for cls in dict.fromkeys(j.missing):  # a class missing n times is listed n times
+        regions += [{"kind": "missing", "label": cls, "box": list(b.box)}
+                    for b in (plan.boxes if plan else ()) if cls in b.label]
+    return regions
+
+
 def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=None, target: str = "scene") -> Callable:
     """The shapes world's judge (module docstring); ``root``: the folder image paths of records are relative to.
 
@@ -230,11 +243,7 @@ def shapes_judge(root: str | os.PathLike | None = None, detector=None, color_fn=
             return Critique("ok", f"The image matches the prompt: {record['prompt']}.")
         hw = (image.height, image.width)
         kind = _KIND.get(meta.get("tag"), "attribute")
-        regions = [{"kind": kind, "label": _label(d), "box": _norm_box(d.box, hw)}
-                   for d in j.failed]
-        for cls in j.missing:
-            boxes = [b.box for b in (plan.boxes if plan else ()) if cls in b.label]
-            regions.append({"kind": "missing", "label": cls, "box": list(boxes[0]) if boxes else [0, 0, BOX_MAX, BOX_MAX]})
+        regions = conflict_regions(j, plan, hw, kind)
         critique = " ".join(_sentence(r) for r in j.reason.splitlines() if r)
         if target == "edit":
             fixed = repair_draft(image, meta, plan, detector, color_fn)

@@ -26,12 +26,28 @@ def test_shapes_judge_ok_on_correct_renders_and_names_the_conflict(shapes):
             c = judge(im.convert("RGB"), r, None)
         assert c.verdict == "ok" and not c.regions and c.target is None, r["id"]
     blank = Image.new("RGB", (64, 64), (200, 200, 200))
-    c = judge(blank, recs[0], None)
-    assert c.verdict == "revise" and c.regions and all(g["kind"] == "missing" for g in c.regions)
-    assert "Expected" in c.critique and c.target is not None and c.target.size == (64, 64)
+    for r in recs:  # nothing drawn: every object missing, each where the plan put it
+        plan = load_records_plan(root, r)
+        c = judge(blank, r, plan)
+        assert c.verdict == "revise" and "Expected" in c.critique and c.target is not None, r["id"]
+        assert c.target.size == (64, 64)
+        want = [list(b.box) for b in plan.boxes if any(m["class"] in b.label for m in r["meta"]["include"])]
+        assert sorted(g["box"] for g in c.regions) == sorted(want) and want, r["id"]
+        assert all(g["kind"] == "missing" for g in c.regions)
+        # without a plan nothing shows where a missing object belongs: no region (the whole image was one)
+        assert judge(blank, r, None).regions == []
     assert load_judge("shapes", root) is not None
     with pytest.raises(ValueError, match="MODULE:FUNCTION"):
         load_judge("nonsense")
+
+
+def load_records_plan(root, rec):
+    """The parsed plan step of a shapes record."""
+    from ftkit.data.schema import StepRecord
+
+    (plan,) = [s for s in StepRecord.from_dict(rec, str(root / "records.jsonl"), 0, base_dir=root).steps
+               if s.type == "plan"]
+    return plan
 
 
 def test_self_critique_cli_writes_valid_reflection_and_correction_records(shapes, fixture_dir, tmp_path, capsys):
