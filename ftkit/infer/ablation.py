@@ -436,8 +436,9 @@ class _Ablation:
         where = f"record {i} ({rid})"
         stem = f"{i:04d}_{''.join(c if c.isalnum() or c in '-_' else '_' for c in rid)}"
         row: dict = {"index": i, "id": rid, "prompt": prompt, "tag": meta["tag"], "seed": seed + i}
+        judged = {}
         for m in modes:
-            j = self.judge(bt.imgs[m][k], meta, where)
+            j = judged[m] = self.judge(bt.imgs[m][k], meta, where)
             row[m] = {"passed": j.passed, "reason": j.reason}
             if out is not None:
                 _save_png(bt.imgs[m][k], out / "images" / m / f"{stem}.png")
@@ -447,7 +448,7 @@ class _Ablation:
             row["plan"] = {"text": ptxt, "parsed": pl is not None, "right": self.plan_right(pl, meta, where)}
         if "reflect" in need:
             s = bt.said[k]
-            dj = self.judge(bt.imgs["plan-act"][k], meta, where)
+            dj = judged["plan-act"] if "plan-act" in judged else self.judge(bt.imgs["plan-act"][k], meta, where)
             flagged = [list(g.box) for g in s.parsed.regions] if s.parsed is not None else []
             iou = None
             if not dj.passed and s.verdict == "revise" and flagged:
